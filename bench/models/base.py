@@ -1,0 +1,107 @@
+"""The small surface every model shows the harness, and the pre-processing they share.
+
+A model is an `nn.Module` subclass of `OVSegModel`. The harness only ever does this (never branching on a name):
+
+    model.encode_vocabulary(class_names)              # once per vocabulary; caches the text classifier
+    x, image_sizes = model.preprocess(images_uint8)  # resize (PIL bilinear, detectron2 rule), normalise, pad
+    outputs = model(x, image_sizes)                   # the `model` scope: padded normalised batch -> raw outputs
+    scores = model.postprocess(outputs, image_sizes, output_sizes)   # list of [K, H0, W0] per-class scores
+
+`model.predict(images_uint8)` chains the three for the `end_to_end` scope. Protocol knobs (short side, max
+long side, size divisibility, mean/std) live on the instance and come from the model's config.
+
+Models with a crop branch (SimSeg, SCAN) also expose `crop_cost_inputs()`; see `bench.profile`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+
+@dataclass
+class Protocol:
+    """Test-time input protocol: shortest edge, cap on the long edge, padding multiple, pixel statistics (0..255)."""
+
+    short_side: int = 640
+    max_size: int = 2560
+    size_divisibility: int = 32
+    pixel_mean: tuple[float, float, float] = (122.7709383, 116.7460125, 104.09373615)
+    pixel_std: tuple[float, float, float] = (68.5005327, 66.6321579, 70.32316305)
+
+
+def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
+    """detectron2 ResizeShortestEdge: scale the short side to `short`, cap the long side, round half up."""
+    scale = short / min(h, w)
+    newh, neww = (short, scale * w) if h < w else (scale * h, short)
+    if max(newh, neww) > max_size:
+        rescale = max_size / max(newh, neww)
+        newh, neww = newh * rescale, neww * rescale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """PIL bilinear resize of an HWC uint8 RGB image to (h, w), as detectron2's ResizeTransform does for uint8."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+class OVSegModel(nn.Module):
+    """Base class: protocol, pre-processing, and the vocabulary cache. Subclasses implement the rest."""
+
+    def __init__(self, protocol: Protocol | None = None):
+        super().__init__()
+        self.protocol = protocol or Protocol()
+        self.register_buffer("pixel_mean", torch.tensor(self.protocol.pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.protocol.pixel_std).view(3, 1, 1), persistent=False)
+        self.vocabulary: list[str] | None = None
+
+    # -- vocabulary -------------------------------------------------------------------------------------------
+    def encode_vocabulary(self, class_names: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def configure(self, **settings) -> None:
+        """Per-dataset inference settings from the configs (e.g. mask_thr, ensemble_weight); unknown names fail."""
+        from bench import BenchError
+
+        for key, value in settings.items():
+            if not hasattr(self, key):
+                raise BenchError(f"{type(self).__name__} has no setting {key!r}; check the model config")
+            setattr(self, key, value)
+
+    # -- pre / post ---------------------------------------------------------------------------------------------
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        return resize_uint8(image, shortest_edge_size(h, w, self.protocol.short_side, self.protocol.max_size))
+
+    def normalize_and_pad(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Float CHW 0..255 images -> normalised batch padded with 0 (bottom/right) to the size divisibility."""
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        d = self.protocol.size_divisibility
+        hp = -(-max(h for h, _ in sizes) // d) * d
+        wp = -(-max(w for _, w in sizes) // d) * d
+        mean, std = self.pixel_mean, self.pixel_std
+        batch = [F.pad((im.to(mean) - mean) / std, (0, wp - im.shape[-1], 0, hp - im.shape[-2])) for im in images]
+        return torch.stack(batch), sizes
+
+    def preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """HWC uint8 RGB images -> (padded normalised batch on the model's device, resized sizes)."""
+        resized = [torch.from_numpy(np.ascontiguousarray(self.resize(im))).permute(2, 0, 1) for im in images]
+        return self.normalize_and_pad([im.to(self.pixel_mean.device).float() for im in resized])
+
+    def postprocess(self, outputs: dict, image_sizes: list[tuple[int, int]],
+                    output_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def predict(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """The end_to_end path: decoded HWC uint8 images -> per-class score maps [K, H0, W0]."""
+        x, sizes = self.preprocess(images)
+        outputs = self(x, sizes)
+        return self.postprocess(outputs, sizes, [im.shape[:2] for im in images])

@@ -1,0 +1,194 @@
+"""CLIP building blocks shared by every model family, with open_clip's state_dict names.
+
+The blocks reproduce the parameter names and shapes of open_clip's `ResidualAttentionBlock`,
+`VisionTransformer` and text tower (`attn.in_proj_weight`, `mlp.c_fc`, `ln_1`, `conv1`, `class_embedding`, ...),
+so the published SAN / SimSeg / SCAN checkpoints load strictly, but they run batch-first and route attention
+through `scaled_dot_product_attention` with an optional additive bias (SAN's attention bias, causal text mask).
+The tokenizer comes from open_clip (its BPE vocabulary ships inside the wheel; nothing is downloaded).
+
+FLOP counting: on CPU `torch.utils.flop_counter` sees SDPA as 0 FLOPs unless the math backend is forced;
+`bench.profile` forces it (and tests that attention is counted).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI's CLIP weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerNormFp32(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back (as open_clip does), so bf16 runs stay stable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float() if self.weight is not None else None,
+                            self.bias.float() if self.bias is not None else None, self.eps).to(dtype)
+
+
+class MultiheadAttention(nn.Module):
+    """nn.MultiheadAttention's parameter layout (in_proj_weight [3C,C], out_proj) over batch-first SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, L, C]; attn_bias: additive, broadcastable to [B, heads, L, L]."""
+        b, n, c = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act_layer: type[nn.Module]):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = act_layer()
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x += attn(ln_1 x); x += mlp(ln_2 x). Keys as open_clip's."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act_layer: type[nn.Module] = QuickGELU):
+        super().__init__()
+        self.ln_1 = LayerNormFp32(width)
+        self.attn = MultiheadAttention(width, heads)
+        self.ln_2 = LayerNormFp32(width)
+        self.mlp = MLP(width, int(width * mlp_ratio), act_layer)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_bias)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks under the name `resblocks` (open_clip's `transformer.resblocks.N`)."""
+
+    def __init__(self, width: int, layers: int, heads: int, act_layer: type[nn.Module] = QuickGELU):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, act_layer=act_layer) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, attn_bias)
+        return x
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+    """Bicubic resize (align_corners=False) of a [prefix + g*g, C] positional table to `grid`; prefix kept."""
+    prefix, table = pos[:num_prefix], pos[num_prefix:]
+    g = int(round(table.shape[0] ** 0.5))
+    if (g, g) == tuple(grid):
+        return pos
+    table = table.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False).to(pos.dtype)
+    return torch.cat([prefix, table.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)], dim=0)
+
+
+class VisionTransformer(nn.Module):
+    """open_clip's ViT image tower: conv1, class_embedding, positional_embedding, ln_pre, transformer, ln_post, proj."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
+                 act_layer: type[nn.Module] = QuickGELU):
+        super().__init__()
+        self.patch_size = patch_size
+        self.heads = heads
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNormFp32(width)
+        self.transformer = Transformer(width, layers, heads, act_layer)
+        self.ln_post = LayerNormFp32(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image [B,3,H,W] (CLIP-normalised) -> tokens [B, 1+h*w, C] after ln_pre, and the grid (h, w)."""
+        x = self.conv1(x)
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + resize_pos_embed(self.positional_embedding, grid).to(x.dtype)
+        return self.ln_pre(x), grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image [B,3,H,W] -> projected CLS embedding [B, output_dim] (not normalised)."""
+        x, _ = self.embed(x)
+        x = self.transformer(x)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class TextTransformer(nn.Module):
+    """open_clip's text tower: token_embedding, positional_embedding, transformer, ln_final, text_projection.
+
+    `attn_mask` (the causal mask, -inf above the diagonal) is registered persistent or not to match the
+    checkpoint that the owning model loads (SAN keeps it in its state_dict; plain open_clip does not).
+    """
+
+    def __init__(self, context_length: int, vocab_size: int, width: int, layers: int, heads: int, output_dim: int,
+                 act_layer: type[nn.Module] = QuickGELU, persistent_attn_mask: bool = False):
+        super().__init__()
+        self.context_length = context_length
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = Transformer(width, layers, heads, act_layer)
+        self.ln_final = LayerNormFp32(width)
+        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+        mask = torch.full((context_length, context_length), float("-inf")).triu_(1)
+        self.register_buffer("attn_mask", mask, persistent=persistent_attn_mask)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [N, 77] -> projected text embeddings [N, output_dim] (not normalised).
+
+        Under the causal mask a token never sees later positions, so the padding after the last end-of-text token
+        cannot change the output read at it: the sequence is cut there (same result, 4-6x less work for prompts).
+        """
+        eot = tokens.argmax(dim=-1)
+        n = int(eot.max()) + 1
+        tokens = tokens[:, :n]
+        x = self.token_embedding(tokens) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
+        x = self.transformer(x, self.attn_mask[:n, :n])
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0]), eot]
+        return x @ self.text_projection
+
+
+def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
+    """open_clip's SimpleTokenizer (the OpenAI BPE, shipped in the wheel): [N, context_length] int64."""
+    import open_clip
+
+    return open_clip.tokenize(texts, context_length=context_length)
+
+
+def encode_with_templates(text_tower: nn.Module, names: list[str], templates: list[str],
+                          batch_size: int = 256) -> torch.Tensor:
+    """Per class: normalise each template's embedding, average over templates, normalise again -> [K, E]."""
+    device = next(text_tower.parameters()).device
+    prompts = [t.format(name) for name in names for t in templates]
+    tokens = tokenize(prompts).to(device)
+    feats = torch.cat([text_tower(tokens[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
+    feats = F.normalize(feats.float(), dim=-1).view(len(names), len(templates), -1).mean(dim=1)
+    return F.normalize(feats, dim=-1)

@@ -1,0 +1,235 @@
+"""Efficiency figures of one model: parameter counts, FLOPs (attention counted), latency, peak memory.
+
+What is counted and timed (also written in the README and every record):
+- FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one forward at a resolution x resolution input, batch 1,
+  text features cached (the text tower is not run). SDPA is forced onto the math backend while counting (on CPU
+  the fused kernel is counted as 0), and a probe checks that attention is counted; 1 MAC = 2 FLOPs.
+- Scopes: `model` = normalised padded tensor in -> raw model outputs (masks + class logits);
+  `end_to_end` = decoded uint8 image in -> label map at the original size out (resize, normalise, pad, model,
+  per-class score maps, argmax).
+- Crop models (SimSeg, SCAN): fixed part (everything but the CLIP crop forward) + per-crop cost from one batch of
+  `crop_batch` crops; totals are given for the mean crop count of the evaluated images and for all 100 queries.
+- Latency: CUDA events on GPU, perf_counter on CPU, after warm-up; median, p90, coefficient of variation; the
+  per-iteration timings are returned so they can be saved beside the record.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import BenchError
+
+PRECISIONS = ("fp32", "tf32", "amp_bf16", "bf16", "fp16")
+CROP_QUERIES = 100  # upper bound on crops: one per query
+
+
+# ---------------------------------------------------------------------------------------------------- params
+def count_params(model: torch.nn.Module, trainable_prefixes=(), text_prefixes=()) -> dict:
+    state = model.state_dict()
+    total_state = sum(t.numel() for t in state.values())
+    params = dict(model.named_parameters())
+    n_params = sum(p.numel() for p in params.values())
+    trainable = sum(p.numel() for k, p in params.items() if k.startswith(tuple(trainable_prefixes))) \
+        if trainable_prefixes else None
+    text = sum(p.numel() for k, p in params.items() if k.startswith(tuple(text_prefixes))) if text_prefixes else 0
+    return {"params_state_total": total_state, "params_total": n_params, "params_trainable": trainable,
+            "params_image_path": n_params - text}
+
+
+# ---------------------------------------------------------------------------------------------------- precision
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device):
+    """Backend flags and autocast for one cell; every flag is restored afterwards."""
+    if precision not in PRECISIONS:
+        raise BenchError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        if precision == "amp_bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+def model_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- FLOPs
+def count_flops(fn: Callable[[], object]) -> int:
+    """Total FLOPs of `fn()` (2 per MAC), attention included (math SDPA backend forced)."""
+    with sdpa_kernel(SDPBackend.MATH), torch.inference_mode():
+        _check_attention_counted()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+    return int(counter.get_total_flops())
+
+
+def _check_attention_counted() -> None:
+    q = torch.zeros(1, 2, 8, 4)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.scaled_dot_product_attention(q, q, q)
+    if counter.get_total_flops() <= 0:
+        raise BenchError("FLOP counter sees scaled_dot_product_attention as 0 FLOPs in this torch build; "
+                         "attention would be missing from the GFLOPs (report this torch version)")
+
+
+# ---------------------------------------------------------------------------------------------------- latency
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Per-iteration milliseconds of `fn()` after `warmup` untimed calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        times = []
+        for _ in range(iters):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summarize_times(times: list[float]) -> dict:
+    if not times:
+        return {"median": float("nan"), "p90": float("nan"), "cv": float("nan")}
+    arr = np.asarray(times)
+    mean = float(arr.mean())
+    return {"median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)),
+            "cv": float(arr.std() / mean) if mean > 0 and len(arr) > 1 else 0.0}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; process peak
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------------------------------------------- one model
+def deterministic_image(resolution: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+
+
+def scope_fns(model, image: np.ndarray, crop_batch: int) -> dict[str, Callable[[], object]]:
+    """The callables that are counted and timed: model / end_to_end, split fixed + per-crop for crop models."""
+    x, sizes = model.preprocess([image])
+    has_crops = hasattr(model, "crop_cost_fn")
+    kw = {"skip_crops": True} if has_crops else {}
+    out_size = [image.shape[:2]]
+
+    def run_model():
+        return model(x, sizes, **kw)
+
+    def run_end_to_end():
+        xx, ss = model.preprocess([image])
+        scores = model.postprocess(model(xx, ss, **kw), ss, out_size)
+        return [s.argmax(dim=0) for s in scores]
+
+    fns = {"model": run_model, "end_to_end": run_end_to_end}
+    if has_crops:
+        fns["crops"] = model.crop_cost_fn(x, sizes, crop_batch)
+    return fns
+
+
+def profile_model(model, resolution: int, device: torch.device, precision: str, warmup: int, iters: int,
+                  crop_batch: int = 8) -> tuple[dict, dict]:
+    """Returns (flat figures for the record, per-iteration timings by scope)."""
+    image = deterministic_image(resolution)
+    out: dict = {"profile_resolution": resolution, "threads": torch.get_num_threads(),
+                 "latency_warmup": warmup, "latency_iters": iters, "timer": "cuda_events" if device.type == "cuda"
+                 else "perf_counter"}
+    timings: dict[str, list[float]] = {}
+    with precision_context(precision, device):
+        fns = scope_fns(model, image, crop_batch)
+        for scope, fn in fns.items():
+            flops = count_flops(fn)
+            reset_peak_memory(device)
+            times = time_fn(fn, device, warmup, iters)
+            timings[scope] = times
+            stats = summarize_times(times)
+            if scope == "crops":  # per-crop figures
+                out["gflops_per_crop"] = flops / crop_batch / 1e9
+                out["latency_ms_per_crop"] = stats["median"] / crop_batch
+                out["crop_batch"] = crop_batch
+                continue
+            out[f"gflops_{scope}"] = flops / 1e9
+            out[f"latency_ms_{scope}_median"] = stats["median"]
+            out[f"latency_ms_{scope}_p90"] = stats["p90"]
+            out[f"latency_{scope}_cv"] = stats["cv"]
+        out["peak_mem_mb"] = peak_memory_mb(device)
+        out["peak_mem_kind"] = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
+    out["has_crops"] = "crops" in timings
+    if out["has_crops"]:
+        for scope in ("model", "end_to_end"):
+            out[f"gflops_{scope}_fixed"] = out[f"gflops_{scope}"]
+            out[f"gflops_{scope}_all_crops"] = out[f"gflops_{scope}"] + CROP_QUERIES * out["gflops_per_crop"]
+            out[f"latency_ms_{scope}_fixed"] = out[f"latency_ms_{scope}_median"]
+            out[f"latency_ms_{scope}_all_crops"] = (out[f"latency_ms_{scope}_median"]
+                                                    + CROP_QUERIES * out["latency_ms_per_crop"])
+    return out, timings
+
+
+def with_crop_count(figures: dict, mean_crops: float | None) -> dict:
+    """Totals for crop models at the measured mean crop count (the headline), kept beside the all-crops bound."""
+    out = dict(figures)
+    if not out.get("has_crops"):
+        return out
+    n = CROP_QUERIES if mean_crops is None else mean_crops
+    out["crops_assumed"] = n
+    out["crops_measured"] = mean_crops is not None
+    for scope in ("model", "end_to_end"):
+        out[f"gflops_{scope}"] = out[f"gflops_{scope}_fixed"] + n * out["gflops_per_crop"]
+        out[f"latency_ms_{scope}_median"] = out[f"latency_ms_{scope}_fixed"] + n * out["latency_ms_per_crop"]
+    return out
+
+
+def default_iters(device: torch.device, warmup: int | None, iters: int | None) -> tuple[int, int]:
+    if device.type == "cuda":
+        return (10 if warmup is None else warmup), (100 if iters is None else iters)
+    return (1 if warmup is None else warmup), (3 if iters is None else iters)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")

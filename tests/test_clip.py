@@ -1,0 +1,52 @@
+"""CLIP blocks: open_clip key layout, text truncation equivalence, pos-embed resize."""
+import open_clip
+import torch
+
+from bench.models.clip import TextTransformer, Transformer, VisionTransformer, resize_pos_embed, tokenize
+
+
+def test_vision_tower_keys_match_open_clip():
+    ours = VisionTransformer(image_size=32, patch_size=16, width=64, layers=2, heads=4, output_dim=32)
+    ref = open_clip.model.VisionTransformer(image_size=32, patch_size=16, width=64, layers=2, heads=4, mlp_ratio=4.0,
+                                            output_dim=32)
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert ours_shapes == ref_shapes
+
+
+def test_vision_tower_matches_open_clip_numerically():
+    torch.manual_seed(0)
+    ref = open_clip.model.VisionTransformer(image_size=32, patch_size=16, width=64, layers=2, heads=4, mlp_ratio=4.0,
+                                            output_dim=32, act_layer=open_clip.model.QuickGELU).eval()
+    ours = VisionTransformer(image_size=32, patch_size=16, width=64, layers=2, heads=4, output_dim=32).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_text_truncation_after_eot_changes_nothing():
+    torch.manual_seed(0)
+    tower = TextTransformer(context_length=77, vocab_size=49408, width=64, layers=2, heads=4, output_dim=32).eval()
+    tokens = tokenize(["a photo of a cat.", "there is a very large pink elephant in the scene."])
+    out = tower(tokens)
+    # reference: the full 77-token sequence, the causal mask doing all the work
+    x = tower.token_embedding(tokens) + tower.positional_embedding
+    x = tower.ln_final(tower.transformer(x, tower.attn_mask))
+    ref = x[torch.arange(2), tokens.argmax(-1)] @ tower.text_projection
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_pos_embed_resize_keeps_cls_and_identity():
+    pos = torch.randn(1 + 16, 8)
+    assert resize_pos_embed(pos, (4, 4)) is pos
+    out = resize_pos_embed(pos, (6, 3))
+    assert out.shape == (1 + 18, 8) and torch.equal(out[0], pos[0])
+
+
+def test_attention_bias_is_applied():
+    torch.manual_seed(0)
+    t = Transformer(width=16, layers=1, heads=2).eval()
+    x = torch.randn(1, 5, 16)
+    bias = torch.zeros(1, 2, 5, 5)
+    bias[..., 1:] = -1e4  # every token attends only to token 0
+    assert not torch.allclose(t(x), t(x, bias))

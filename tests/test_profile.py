@@ -1,0 +1,58 @@
+"""Profiling: attention FLOPs are counted, analytic FLOPs match, flags are restored, timings are sane."""
+import pytest
+import torch
+
+from bench import BenchError
+from bench.models.clip import Transformer
+from bench.profile import (count_flops, count_params, precision_context, summarize_times, time_fn, with_crop_count)
+
+
+def test_attention_flops_are_counted_exactly():
+    width, tokens, layers, heads = 64, 50, 2, 4
+    model = Transformer(width, layers, heads).eval()
+    x = torch.randn(1, tokens, width)
+    flops = count_flops(lambda: model(x))
+    linear_macs = layers * tokens * (3 * width * width + width * width + 2 * 4 * width * width)
+    attention_macs = layers * 2 * tokens * tokens * width  # QK^T and AV
+    assert flops == 2 * (linear_macs + attention_macs)
+
+
+def test_attention_with_additive_bias_is_counted():
+    model = Transformer(32, 1, 2).eval()
+    x = torch.randn(1, 10, 32)
+    bias = torch.zeros(1, 2, 10, 10)
+    assert count_flops(lambda: model(x, bias)) == count_flops(lambda: model(x))
+
+
+def test_param_counts_by_prefix():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    model.register_buffer("buf", torch.zeros(5))
+    c = count_params(model, trainable_prefixes=("1.",), text_prefixes=("0.",))
+    assert c == {"params_state_total": 9 + 4 + 5, "params_total": 13, "params_trainable": 4, "params_image_path": 4}
+
+
+def test_precision_flags_restored_and_unknown_refused():
+    before = torch.get_float32_matmul_precision()
+    with precision_context("tf32", torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before
+    with precision_context("amp_bf16", torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(BenchError, match="fp32"):
+        with precision_context("fp8", torch.device("cpu")):
+            pass
+
+
+def test_timing_and_summary():
+    times = time_fn(lambda: torch.ones(64, 64) @ torch.ones(64, 64), torch.device("cpu"), warmup=1, iters=5)
+    assert len(times) == 5 and all(t > 0 for t in times)
+    s = summarize_times([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert s["median"] == 3.0 and s["p90"] == pytest.approx(7.6)
+
+
+def test_crop_totals():
+    fig = {"has_crops": True, "gflops_model_fixed": 10.0, "gflops_end_to_end_fixed": 12.0, "gflops_per_crop": 2.0,
+           "latency_ms_model_fixed": 5.0, "latency_ms_end_to_end_fixed": 6.0, "latency_ms_per_crop": 1.0}
+    out = with_crop_count(fig, 3.5)
+    assert out["gflops_model"] == 17.0 and out["latency_ms_end_to_end_median"] == 9.5
+    assert with_crop_count(fig, None)["gflops_model"] == 210.0
