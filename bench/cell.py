@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from bench import BenchError, records
 from bench import profile as prof
-from bench.data import build_dataset, dataset_root, load_class_names
+from bench.data import apply_class_name_overrides, build_dataset, load_class_names, spec_from_cfg
 from bench.metrics import SemSegEvaluator
 from bench.models import create_model
 from bench.models.checkpoint import load_checkpoint
@@ -59,16 +59,30 @@ def build_model(cfg: DictConfig, device: torch.device):
 
 
 def dataset_settings(cfg: DictConfig) -> dict:
-    settings = cfg.model.get("dataset_settings") or {}
-    chosen = dict(settings.get(cfg.dataset.name) or {})
-    return chosen
+    """The model's per-dataset inference settings, plus the dataset flags the model consumes (e.g. void_reweight)."""
+    settings = dict((cfg.model.get("dataset_settings") or {}).get(cfg.dataset.name) or {})
+    for flag in cfg.model.get("dataset_flags") or ():
+        settings[flag] = cfg.dataset[flag]
+    return settings
 
 
-def vocabulary(cfg: DictConfig, dataset_name: str, classes_file: str) -> list[str]:
-    """Class names in id order, with the model's own spelling where its registration differs."""
-    names = load_class_names(classes_file)
-    overrides = (cfg.model.get("class_name_overrides") or {}).get(dataset_name) or {}
-    return [overrides.get(n, n) for n in names]
+def vocabulary(cfg: DictConfig) -> list[str]:
+    """Class names in id order, with the model's own spelling where its registration differs (ids never change)."""
+    names = load_class_names(cfg.dataset.classes_file)
+    overrides = (cfg.model.get("class_name_overrides") or {}).get(cfg.dataset.name)
+    return apply_class_name_overrides(names, overrides)
+
+
+def dataset_absent(cfg: DictConfig) -> str:
+    """'' if the dataset is (or can be generated) under data_root, else where it was expected."""
+    spec = spec_from_cfg(cfg.dataset)
+    if spec.generate:
+        return ""
+    for layout in spec.layouts:
+        top = os.path.join(cfg.data_root, layout.label_dir.split("/")[0])
+        if os.path.isdir(top):
+            return ""  # something is there: a wrong layout is an error, not an absence
+    return os.path.join(cfg.data_root, spec.layout.label_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- profile
@@ -97,7 +111,7 @@ def profile_figures(cfg: DictConfig, model, device: torch.device) -> tuple[dict,
 # ---------------------------------------------------------------------------------------------------- evaluate
 def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str) -> tuple[dict, float | None]:
     evaluator = SemSegEvaluator(dataset.num_classes, dataset.ignore_label, dataset.class_names, device=device,
-                                formula=formula, sg_iou_table=cfg.dataset.get("sg_iou_table"))
+                                formula=formula, sg_iou_table=dataset.sg_iou_table)
     evaluator.reset()
     n = len(dataset) if cfg.max_images is None else min(len(dataset), int(cfg.max_images))
     crops: list[int] = []
@@ -124,11 +138,11 @@ def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str
 def base_record(c: dict, key: str, device_name: str = "") -> dict:
     m, d = c["model"], c["dataset"]
     return {"key": key, "status": None, "reason": "", "model": m["name"], "model_display": m.get("display", m["name"]),
-            "dataset": d["name"], "dataset_display": d.get("display", d["name"]),
+            "dataset": d["name"], "dataset_display": d.get("display_name", d["name"]),
             "resolution": c["resolution"] if c["resolution"] is not None else m["protocol"]["short_side"],
             "resolution_is_protocol": c["resolution"] is None, "precision": c["precision"],
             "batch_size": c["batch_size"], "miou_formula": c["miou_formula"],
-            "pipeline_check": bool(c["synthesize_weights"] or d.get("synthetic", False)),
+            "pipeline_check": bool(c["synthesize_weights"] or d.get("generate", False)),
             "config": records.key_inputs(c)}
 
 
@@ -151,12 +165,11 @@ def _run(cfg: DictConfig, rec: dict) -> None:
         rec.update(figures)
 
     ckpt = os.path.join(cfg.weights_dir, cfg.model.checkpoint.file)
-    root = dataset_root(cfg.dataset, cfg.data_root)
     absent = []
     if not cfg.synthesize_weights and not os.path.isfile(ckpt):
         absent.append(f"no checkpoint at {ckpt}")
-    if not os.path.isdir(root):
-        absent.append(f"no dataset at {root}")
+    if missing_data := dataset_absent(cfg):
+        absent.append(f"no dataset at {missing_data}")
     if absent:
         rec["status"], rec["reason"] = records.STATUS_MISSING, "; ".join(absent)
         _finish_crop_figures(rec, None)
@@ -173,18 +186,31 @@ def _run(cfg: DictConfig, rec: dict) -> None:
                    load_note=report.note())
     dataset = build_dataset(cfg.dataset, cfg.data_root)
     rec["dataset_images"] = len(dataset)
-    rec["dataset_images_official"] = cfg.dataset.get("num_images")
-    names = vocabulary(cfg, cfg.dataset.name, cfg.dataset.classes)
+    rec["dataset_images_official"] = cfg.dataset.get("official_val_images")
+    rec["sg_iou_table_official"] = dataset.sg_iou_table_official if dataset.sg_iou_table else None
+    names = vocabulary(cfg)
     model.encode_vocabulary(names)
     t0 = time.perf_counter()
     metrics, mean_crops = evaluate(cfg, model, dataset, device, cfg.miou_formula)
     rec["eval_seconds"] = time.perf_counter() - t0
     rec["images_evaluated"] = metrics.pop("images", None) or rec["dataset_images"]
-    rec["per_class"] = metrics.pop("per_class", [])
+    rec["per_class"] = per_class_rows(metrics, dataset.class_names)
     rec.update(metrics)
     _finish_crop_figures(rec, mean_crops)
     rec["status"] = records.STATUS_OK
     return timings
+
+
+def per_class_rows(metrics: dict, class_names: list[str]) -> list[dict]:
+    """Pop the per-class entries (IoU-<name>, ACC-<name>, SG-IoU-<name>) into tidy rows."""
+    rows = []
+    for i, name in enumerate(class_names):
+        row = {"class_id": i, "class_name": name, "IoU": metrics.pop(f"IoU-{name}", math.nan),
+               "ACC": metrics.pop(f"ACC-{name}", math.nan)}
+        if f"SG-IoU-{name}" in metrics:
+            row["SG-IoU"] = metrics.pop(f"SG-IoU-{name}")
+        rows.append(row)
+    return rows
 
 
 def _finish_crop_figures(rec: dict, mean_crops: float | None) -> None:

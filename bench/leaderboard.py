@@ -20,7 +20,7 @@ from bench import records
 RUN_COLUMNS = [
     "key", "status", "reason", "model", "model_display", "dataset", "dataset_display", "resolution", "precision",
     "batch_size", "pipeline_check", "mIoU", "mIoU_current", "mIoU_v06", "miou_formula", "fwIoU", "mACC", "pACC",
-    "SG-IoU", "sg_iou_table_official", "params_state_total", "params_total", "params_trainable",
+    "SG-mIoU", "SG-mIoU_current", "SG-mIoU_v06", "sg_iou_table_official", "params_state_total", "params_total", "params_trainable",
     "params_trainable_published", "params_image_path", "gflops_model", "gflops_end_to_end", "gflops_model_fixed",
     "gflops_model_all_crops", "gflops_per_crop", "mean_crops", "latency_ms_model_median", "latency_ms_model_p90",
     "latency_model_cv", "latency_ms_end_to_end_median", "latency_ms_end_to_end_p90", "latency_ms_per_crop",
@@ -127,8 +127,9 @@ def _accuracy_cell(cell: pd.DataFrame, pub: dict, dataset: str, notes: Footnotes
         text += f" / {ref:.1f} ({delta:+.1f})"
         if abs(delta) > tolerance:
             text += " ⚠"
-    if "SG-IoU" in r and r["SG-IoU"] == r["SG-IoU"] and r["SG-IoU"] is not None:
-        text += f" · SG {_fmt(r['SG-IoU'])}"
+    sg = r.get("SG-mIoU")
+    if sg is not None and sg == sg:
+        text += f" · SG {_fmt(sg)}" + ("" if r.get("sg_iou_table_official") else "*")
     return text
 
 

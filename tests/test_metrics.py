@@ -1,0 +1,226 @@
+"""bench.metrics: detectron2-compatible metrics (both mIoU formulas), SCAN's SG-IoU, sharding, relation tables."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import BenchError
+from bench.metrics import (SemSegEvaluator, evaluate_from_confusion, load_sg_iou_table, load_sg_iou_table_raw,
+                           merge_confusions, sg_iou_table_checksum)
+
+IGN = 255
+NAMES = ["cat", "road, route", "sky"]
+
+
+def pixels_from_confusion(block: np.ndarray, ignored_preds: list[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """1×N pred/gt rows realising a K×K confusion block (rows = prediction, cols = GT) plus ignored-GT pixels."""
+    pred, gt = [], []
+    for p in range(block.shape[0]):
+        for g in range(block.shape[1]):
+            pred += [p] * int(block[p, g])
+            gt += [g] * int(block[p, g])
+    pred += list(ignored_preds)
+    gt += [IGN] * len(ignored_preds)
+    return np.array([pred]), np.array([gt])
+
+
+# pred\gt   0  1  2        class 2 is predicted once but absent from the GT: the two mIoU formulas differ
+BLOCK = np.array([[3, 0, 0],
+                  [1, 2, 0],
+                  [0, 1, 0]])
+
+
+def hand_evaluator(**kw) -> SemSegEvaluator:
+    ev = SemSegEvaluator(3, IGN, NAMES, **kw)
+    pred, gt = pixels_from_confusion(BLOCK, ignored_preds=[0, 2])   # ignored pixels count nowhere
+    ev.process(torch.from_numpy(pred), torch.from_numpy(gt))
+    return ev
+
+
+def test_confusion_layout_matches_detectron2():
+    ev = hand_evaluator()
+    conf = ev.confusion.numpy()
+    assert conf.shape == (4, 4) and conf.dtype == np.int64
+    np.testing.assert_array_equal(conf[:3, :3], BLOCK)          # rows = prediction, columns = GT
+    np.testing.assert_array_equal(conf[:, 3], [1, 0, 1, 0])    # ignored GT -> column K
+    assert conf[3].sum() == 0
+
+
+def test_hand_built_metrics_pinned():
+    r = hand_evaluator().evaluate()
+    # tp = [3,2,0], pos_gt = [4,3,0], pos_pred = [3,3,1], union = [4,4,1]
+    assert r["IoU-cat"] == pytest.approx(75.0)
+    assert r["IoU-road, route"] == pytest.approx(50.0)
+    assert math.isnan(r["IoU-sky"]) and math.isnan(r["ACC-sky"])   # absent from GT -> NaN, as detectron2
+    assert r["ACC-cat"] == pytest.approx(75.0)
+    assert r["ACC-road, route"] == pytest.approx(200 / 3)
+    assert r["mIoU_current"] == pytest.approx(62.5)               # (0.75 + 0.5) / 2
+    assert r["mIoU_v06"] == pytest.approx(125 / 3)                # (0.75 + 0.5) / 3: sky predicted, counts as 0
+    assert r["mIoU"] == r["mIoU_current"] and r["mIoU_formula"] == "current"
+    assert r["fwIoU"] == pytest.approx(100 * (0.75 * 4 + 0.5 * 3) / 7)
+    assert r["mACC"] == pytest.approx(100 * (0.75 + 2 / 3) / 2)
+    assert r["pACC"] == pytest.approx(100 * 5 / 7)
+    assert (r["classes_in_gt"], r["classes_in_gt_or_pred"], r["pixels"], r["images"]) == (2, 3, 7, 1)
+    assert not any(k.startswith("SG-") for k in r)                # no table -> no SG-IoU keys
+
+
+def test_formula_argument_selects_headline():
+    r = hand_evaluator(formula="v06").evaluate()
+    assert r["mIoU"] == pytest.approx(125 / 3) and r["mIoU_formula"] == "v06"
+    with pytest.raises(BenchError, match="miou_formula"):
+        SemSegEvaluator(3, IGN, NAMES, formula="v05")
+
+
+def test_formulas_agree_when_no_absent_class_is_predicted():
+    ev = SemSegEvaluator(3, IGN, NAMES)
+    pred, gt = pixels_from_confusion(np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]]))
+    ev.process(pred, gt)                                            # numpy inputs work too
+    r = ev.evaluate()
+    assert r["mIoU_current"] == pytest.approx(r["mIoU_v06"])
+
+
+def test_perfect_prediction_is_100():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 3, size=(17, 23))
+    gt[0, :5] = IGN
+    pred = np.where(gt == IGN, 1, gt)
+    ev = SemSegEvaluator(3, IGN, NAMES, sg_iou_table={0: 1, 2: [0, 1]})
+    ev.process(pred, gt)
+    r = ev.evaluate()
+    for key in ("mIoU", "mIoU_current", "mIoU_v06", "fwIoU", "mACC", "pACC", "SG-mIoU", "SG-mIoU_current",
+                "SG-mIoU_v06", "SG-fwIoU", "SG-mACC", "SG-pACC", "IoU-cat", "ACC-sky"):
+        assert r[key] == pytest.approx(100.0), key
+
+
+@pytest.mark.parametrize("formula", ["current", "v06"])
+def test_sg_iou_with_empty_table_equals_miou(formula):
+    for ev in (hand_evaluator(sg_iou_table={}, formula=formula), _random_evaluator(sg_iou_table={}, formula=formula)):
+        r = ev.evaluate()
+        assert r["SG-mIoU"] == pytest.approx(r["mIoU"])
+        assert r["SG-mIoU_current"] == pytest.approx(r["mIoU_current"])
+        assert r["SG-mIoU_v06"] == pytest.approx(r["mIoU_v06"])
+        for k in ("fwIoU", "mACC", "pACC"):
+            assert r[f"SG-{k}"] == pytest.approx(r[k])
+
+
+def _random_evaluator(**kw) -> SemSegEvaluator:
+    rng = np.random.default_rng(1)
+    ev = SemSegEvaluator(5, 65535, None, **kw)
+    for _ in range(3):
+        gt = rng.integers(0, 4, size=(8, 9))                        # class 4 never in the GT ...
+        gt[rng.random(gt.shape) < 0.1] = 65535
+        ev.process(rng.integers(0, 5, size=(8, 9)), gt)             # ... but predicted: formulas differ
+    return ev
+
+
+def test_sg_iou_beta_hand_built():
+    # pred\gt  0  1  2     table {0: 1}: predicting "1" on GT-0 pixels earns β = (conf[1,0] + conf[1,1]) / pos_pred[1]
+    block = np.array([[2, 0, 0],
+                      [2, 3, 1],
+                      [0, 0, 2]])
+    conf = np.zeros((4, 4), np.int64)
+    conf[:3, :3] = block
+    r = evaluate_from_confusion(conf, NAMES, sg_iou_table={0: 1})
+    beta = (2 + 3) / 6
+    tp_sg0 = 2 + 2 * beta
+    iou_sg = [tp_sg0 / (4 + 2 - 2), 3 / 6, 2 / 3]                   # union keeps the ORIGINAL tp
+    assert r["SG-IoU-cat"] == pytest.approx(100 * iou_sg[0])
+    assert r["SG-IoU-road, route"] == pytest.approx(50.0) and r["IoU-cat"] == pytest.approx(50.0)
+    assert r["SG-mIoU"] == pytest.approx(100 * sum(iou_sg) / 3)
+    assert r["SG-mACC"] == pytest.approx(100 * (tp_sg0 / 4 + 3 / 3 + 2 / 3) / 3)
+    assert r["SG-pACC"] == pytest.approx(100 * (tp_sg0 + 3 + 2) / 10)
+    assert r["SG-fwIoU"] == pytest.approx(100 * (iou_sg[0] * 4 + iou_sg[1] * 3 + iou_sg[2] * 3) / 10)
+
+
+def test_sg_iou_list_valued_relation_and_v06_denominator():
+    # GT class 1 absent; class 1 predicted. table {0: [1, 2]}: both related classes add credit.
+    conf = np.zeros((4, 4), np.int64)
+    conf[:3, :3] = [[1, 0, 0],
+                    [1, 0, 0],
+                    [2, 0, 4]]
+    r = evaluate_from_confusion(conf, NAMES, sg_iou_table={0: [1, 2]}, formula="v06")
+    b1 = (1 + 0) / 1
+    b2 = (2 + 4) / 6
+    iou0 = (1 + 1 * b1 + 2 * b2) / (4 + 1 - 1)
+    iou2 = 4 / (4 + 6 - 4)
+    assert r["SG-mIoU_v06"] == pytest.approx(100 * (iou0 + iou2) / 3)
+    assert r["SG-mIoU_current"] == pytest.approx(100 * (iou0 + iou2) / 2)
+    assert r["SG-mIoU"] == r["SG-mIoU_v06"]
+
+
+def test_table_ids_outside_vocabulary_fail():
+    with pytest.raises(BenchError, match="outside"):
+        SemSegEvaluator(3, IGN, NAMES, sg_iou_table={0: 5})
+
+
+# checksums and counts from specs/scan.md §5.1 (computed there from yongliu20/SCAN@097fbbd)
+TABLES = {
+    "ade847": ("6ccc0051063848a2fb04fb84c53fa657bfd59cb5ed048537cbee8484054706c7", 317, 306, 46, 356, True),
+    "pc459": ("5493ccb79e0ca40c7bf067762ff628e287154e574e2246a8808f3d4436a74bf3", 122, 122, 20, 142, False),
+    "ade150": ("8b3ffb1446e52546e8738a252ab0029d2fd24e3ac98c80853e9b5885ae80ed31", 33, 33, 0, 33, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_relation_table_checksums(name):
+    sha, n_entries, n_keys, n_lists, n_pairs, official = TABLES[name]
+    raw, meta = load_sg_iou_table_raw(name)
+    assert sg_iou_table_checksum(raw) == sha == meta["sha256_effective"]
+    assert meta["n_entries"] == n_entries and len(raw) == n_keys
+    assert sum(isinstance(v, list) for v in raw.values()) == n_lists
+    table = load_sg_iou_table(name)
+    assert sum(len(v) for v in table.values()) == n_pairs
+    assert all(c not in fs for c, fs in table.items())              # no self-references
+    assert meta["official"] is official
+    assert meta["source"].startswith("yongliu20/SCAN@097fbbdaf7789ac6d2da44533e95521e73fd7c4f:")
+
+
+def test_duplicate_keys_last_one_wins():
+    raw, _ = load_sg_iou_table_raw("ade847")
+    assert raw[63] == 16        # literal has 63: 3 first, then 63: 16 (duplicate)
+    table = load_sg_iou_table("ade847")
+    assert max(max(table), *(f for fs in table.values() for f in fs)) == 843   # spec: max id 843
+
+
+def test_sharded_runs_merge_to_the_whole():
+    rng = np.random.default_rng(2)
+    items = [(rng.integers(0, 4, (6, 7)), np.where(rng.random((6, 7)) < 0.1, IGN, rng.integers(0, 4, (6, 7))))
+             for _ in range(4)]
+    whole = SemSegEvaluator(4, IGN, None)
+    shards = [SemSegEvaluator(4, IGN, None) for _ in range(2)]
+    for i, (p, g) in enumerate(items):
+        whole.process(p, g)
+        shards[i % 2].process(p, g)
+    merged = SemSegEvaluator(4, IGN, None).merge(shards[0]).merge(shards[1])
+    assert torch.equal(merged.confusion, whole.confusion) and merged.images == 4
+    summed = merge_confusions([s.state_dict()["confusion"] for s in shards])
+    assert torch.equal(summed, whole.confusion)
+    restored = SemSegEvaluator(4, IGN, None)
+    restored.load_state_dict(whole.state_dict())
+    a, b = whole.evaluate(), evaluate_from_confusion(summed, whole.class_names)
+    assert a["mIoU"] == pytest.approx(b["mIoU"]) and restored.evaluate()["pACC"] == pytest.approx(a["pACC"])
+    whole.reset()
+    assert int(whole.confusion.sum()) == 0 and whole.images == 0
+
+
+def test_bad_inputs_raise():
+    ev = SemSegEvaluator(3, IGN, NAMES)
+    with pytest.raises(ValueError, match="differ in size"):
+        ev.process(np.zeros((2, 3), int), np.zeros((3, 2), int))
+    with pytest.raises(ValueError, match=r"label values \[7\]"):
+        ev.process(np.zeros((1, 2), int), np.array([[0, 7]]))
+    with pytest.raises(ValueError, match="prediction values"):
+        ev.process(np.array([[3, 0]]), np.zeros((1, 2), int))
+    r = SemSegEvaluator(3, IGN, NAMES).evaluate()                   # nothing processed: NaN, no warnings
+    assert math.isnan(r["mIoU"]) and math.isnan(r["pACC"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_confusion_matches_cpu():
+    cpu, gpu = hand_evaluator(), hand_evaluator(device="cuda")
+    assert gpu.confusion.is_cuda
+    assert torch.equal(gpu.confusion.cpu(), cpu.confusion)
