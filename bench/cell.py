@@ -50,7 +50,8 @@ def short_side(cfg: DictConfig) -> int:
 
 def build_model(cfg: DictConfig, device: torch.device):
     """The model at the cell's protocol (resolution sets the short side, long side <= 4x), dtype and device."""
-    model = create_model(cfg.model.builder, **OmegaConf.to_container(cfg.model.builder_kwargs or {}, resolve=True))
+    kwargs = cfg.model.get("builder_kwargs")
+    model = create_model(cfg.model.builder, **(OmegaConf.to_container(kwargs, resolve=True) if kwargs else {}))
     if cfg.resolution is not None:
         model.protocol.short_side = int(cfg.resolution)
         model.protocol.max_size = 4 * int(cfg.resolution)

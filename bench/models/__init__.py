@@ -1,2 +1,6 @@
-"""Model families (one file each) and the registry that maps builder names to them."""
+"""Model families (one file each) and the registry that maps builder names to them.
+
+Importing this package registers every family's builders (explicitly, below), like timm's model modules.
+"""
 from bench.models.registry import create_model, list_models, register_model  # noqa: F401
+from bench.models import san  # noqa: F401,E402
