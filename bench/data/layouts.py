@@ -275,3 +275,112 @@ def apply_class_name_overrides(names: list[str], overrides: Mapping[Any, str] | 
             raise BenchError(f"class_name_overrides: id {i} outside the {len(out)}-class list; fix the model config")
         out[i] = str(value)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# which repo's tree is on disk (bench.data.check / bench.data.prepare)
+
+
+@dataclass(frozen=True)
+class LayoutMatch:
+    """One layout of a dataset as found under a data root: `state` is complete | partial | absent."""
+
+    layout: Layout
+    key: str                 # `san` (SAN / detectron2 / PAE trees) or `ovseg` (VOCdevkit: ov-seg, SCAN, CAT-Seg)
+    family: str              # human name of the repos that read/write this tree
+    state: str
+    reason: str = ""
+    n_labels: int = 0
+    n_images: int = 0
+
+
+_REPO_NAMES = {"MendelXu/SAN": "SAN", "facebookresearch/detectron2": "detectron2/SAN",
+               "better-chao/perceptual_abilities_evaluation": "SAN (PAE registration)"}
+
+
+def layout_family(layout: Layout) -> tuple[str, str]:
+    """(key, name) of the repos whose tree `layout` is: VOCdevkit/... trees are ov-seg's, SCAN's and CAT-Seg's."""
+    if layout.label_dir.startswith("VOCdevkit/"):
+        return "ovseg", "ov-seg/SCAN/CAT-Seg"
+    repo = layout.source.split("@")[0]
+    return "san", _REPO_NAMES.get(repo, repo or "SAN")
+
+
+def _stems(folder: Path, ext: str) -> set[str] | None:
+    if not folder.is_dir():
+        return None
+    with os.scandir(folder) as it:
+        return {e.name[: -len(ext)] for e in it if e.name.endswith(ext) and e.is_file()}
+
+
+def layout_status(spec: DatasetSpec, layout: Layout, data_root: str | os.PathLike) -> LayoutMatch:
+    """Is `layout` complete, partial (which part is missing, in words) or absent under `data_root`?"""
+    root = Path(data_root)
+    key, family = layout_family(layout)
+    labels = _stems(root / layout.label_dir, layout.label_ext)
+    if labels is None:
+        return LayoutMatch(layout, key, family, "absent")
+    images = _stems(root / layout.image_dir, layout.image_ext)
+
+    def partial(reason: str) -> LayoutMatch:
+        return LayoutMatch(layout, key, family, "partial", reason, len(labels), len(images or ()))
+
+    if not labels:
+        return partial(f"no *{layout.label_ext} label files in {root / layout.label_dir} "
+                       f"(found {_ext_summary(root / layout.label_dir)})")
+    if images is None:
+        return partial(f"image folder {root / layout.image_dir} is missing")
+    if not images:
+        return partial(f"no *{layout.image_ext} images in {root / layout.image_dir}")
+    orphans = sorted(labels - images)
+    if orphans:
+        return partial(f"{len(orphans)} of {len(labels)} labels have no image in {root / layout.image_dir} "
+                       f"(e.g. {orphans[0]}{layout.image_ext})")
+    if not layout.extra_images:
+        unlabeled = sorted(images - labels)
+        if unlabeled:
+            return partial(f"{len(unlabeled)} of {len(images)} images have no label in {root / layout.label_dir} "
+                           f"(e.g. {unlabeled[0]}{layout.label_ext})")
+    return LayoutMatch(layout, key, family, "complete", "", len(labels), len(images))
+
+
+def expected_layouts(spec: DatasetSpec, data_root: str | os.PathLike) -> str:
+    """`SAN: <image glob> + <label glob> (...) | ov-seg/SCAN/CAT-Seg: ...` — every layout the benchmark reads."""
+    return " | ".join(f"{layout_family(lay)[1]} [layout={layout_family(lay)[0]}]: {lay.describe(data_root)}"
+                      for lay in spec.layouts)
+
+
+def detect_layout(spec: DatasetSpec, data_root: str | os.PathLike, prefer: str | None = None) -> LayoutMatch:
+    """The one complete tree of `spec` under `data_root`, saying whose it is; one-line BenchError when there is none,
+    when a tree is partial, or when two trees are present (ambiguous: choose one with `prefer`, a layout key)."""
+    root = Path(data_root)
+    name = spec.display_name
+    candidates = list(spec.layouts)
+    if prefer is not None:
+        keys = sorted({layout_family(lay)[0] for lay in spec.layouts})
+        candidates = [lay for lay in spec.layouts if layout_family(lay)[0] == prefer]
+        if not candidates:
+            raise BenchError(f"{name}: no layout {prefer!r}; this dataset has layout={'|'.join(keys)}")
+    found = [layout_status(spec, lay, root) for lay in candidates]
+    present = [m for m in found if m.state != "absent"]
+    for m in present:
+        if m.state == "partial":
+            raise BenchError(f"{name}: partial {m.family} tree under {root}: {m.reason}; expected "
+                             f"{m.layout.describe(root)}")
+    if len(present) > 1:
+        trees = " and ".join(f"{m.family}'s ({root / m.layout.label_dir}, {m.n_labels} labels)" for m in present)
+        keys = "|".join(m.key for m in present)
+        raise BenchError(f"{name}: ambiguous data root, found {trees}; remove one or choose with layout={keys}")
+    if not present:
+        if not root.is_dir():
+            raise BenchError(f"data root {root} does not exist; expected {name} as {expected_layouts(spec, root)}; "
+                             f"set data_root=DIR or $DETECTRON2_DATASETS")
+        raise BenchError(f"{name} not found under {root}; expected {expected_layouts(spec, root)}; prepare it "
+                         f"with `python -m bench.data.prepare dataset={spec.name} src=RAW_DIR`")
+    match = present[0]
+    if match.layout.label_order_ambiguous and spec.label_order is None:
+        orders = "|".join(sorted(spec.label_orders)) or "?"
+        raise BenchError(f"{name}: found the {match.family} tree ({root / match.layout.label_dir}), which different "
+                         f"repos write in different class-id orders; set dataset.label_order={orders} to say which, "
+                         f"or prepare {spec.layout.describe(root)} with bench.data.prepare")
+    return match

@@ -140,6 +140,214 @@ def synthesize(root: str | os.PathLike, datasets: list[str] | tuple[str, ...] = 
     return out
 
 
+# --------------------------------------------------------------------------------------------------------------
+# raw downloads: the official file formats, tiny, for bench.data.prepare (tests and smoke checks)
+
+RAW_DATASETS = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b")
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (bit-interleaved index -> RGB), 256 entries flattened, as in SegmentationClass."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """Binary HxW mask -> COCO compressed RLE {'size': [h, w], 'counts': str} (column-major runs from 0)."""
+    h, w = mask.shape
+    flat = (np.asarray(mask).T.reshape(-1) != 0).astype(np.int8)
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:
+        counts = [0] + counts
+    out = []
+    for i, x in enumerate(counts):
+        x = int(x) - (int(counts[i - 2]) if i > 2 else 0)
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return {"size": [int(h), int(w)], "counts": "".join(out)}
+
+
+def write_mat_v5(path: str | os.PathLike, variables: dict, compress: bool = True) -> None:
+    """A MATLAB v5 MAT-file of numeric 2-D arrays; data stored in the smallest unsigned type that holds it (as
+    MATLAB does), one miCOMPRESSED element per variable when `compress`."""
+    import struct
+
+    mx = {np.dtype("uint8"): 9, np.dtype("uint16"): 11, np.dtype("int32"): 12, np.dtype("float64"): 6}
+    header = b"MATLAB 5.0 MAT-file, written by bench.data.synth (synthetic)".ljust(116) + b"\0" * 8
+    header += struct.pack("<H", 0x0100) + b"IM"
+
+    def element(typ: int, payload: bytes) -> bytes:
+        pad = (-len(payload)) % 8
+        return struct.pack("<II", typ, len(payload)) + payload + b"\0" * pad
+
+    body = b""
+    for name, arr in variables.items():
+        arr = np.asarray(arr)
+        store = arr
+        if arr.dtype.kind in "ui" and arr.size and arr.min() >= 0 and arr.max() < 256:
+            store = arr.astype(np.uint8)
+        mi = {np.dtype("uint8"): 2, np.dtype("uint16"): 4, np.dtype("int32"): 5, np.dtype("float64"): 9}[store.dtype]
+        sub = element(6, struct.pack("<II", mx[arr.dtype], 0))
+        sub += element(5, struct.pack("<" + "i" * arr.ndim, *arr.shape))
+        sub += element(1, name.encode("ascii"))
+        sub += element(mi, store.astype(store.dtype.newbyteorder("<")).tobytes(order="F"))
+        matrix = struct.pack("<II", 14, len(sub)) + sub
+        if compress:
+            packed = zlib.compress(matrix)
+            body += struct.pack("<II", 15, len(packed)) + packed
+        else:
+            body += matrix
+    Path(path).write_bytes(header + body)
+
+
+def _raw_rng(dataset: str, seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(f"raw-{dataset}".encode())])
+
+
+def _raw_ade150(root: Path, n: int, seed: int) -> Path:
+    rng = _raw_rng("ade150", seed)
+    base = root / "ADEChallengeData2016"
+    for split, prefix, count in (("validation", "ADE_val", n), ("training", "ADE_train", 1)):
+        (base / "images" / split).mkdir(parents=True, exist_ok=True)
+        (base / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            h, w = SIZES[i % len(SIZES)]
+            label = _blobs(rng, h, w, rng.choice(np.arange(1, 151), size=4, replace=False), ignore=0)  # 0 = other
+            image = _image(rng, label, 0)
+            Image.fromarray(image).save(base / "images" / split / f"{prefix}_{i + 1:08d}.jpg", quality=90)
+            Image.fromarray(label.astype(np.uint8)).save(base / "annotations" / split / f"{prefix}_{i + 1:08d}.png")
+    return base
+
+
+def _raw_ade847(root: Path, n: int, seed: int) -> Path:
+    import pickle
+
+    from bench.data.prepare import ade847_id_table
+
+    rng = _raw_rng("ade847", seed)
+    base = root / "ADE20K_2021_17_01"
+    table = ade847_id_table()
+    in_table = np.array(sorted(table))
+    high = np.array([a for a, t in table.items() if t > 255])        # trainIds that need 16 bits
+    index: dict = {"folder": [], "filename": [], "objectnames": ["-"] * 8,
+                   "description": {"folder": "folder of each image", "filename": "file name of each image"}}
+    entries = [("validation", "ADE_val", i) for i in range(n)] + [("training", "ADE_train", 0)]
+    for k, (split, prefix, i) in enumerate(entries):
+        h, w = (520, 560) if (split, i) == ("validation", 0) else SIZES[i % len(SIZES)]   # first one gets resized
+        classes = np.concatenate([rng.choice(in_table, size=2, replace=False), rng.choice(high, size=1), [5]])
+        cls = _blobs(rng, h, w, classes, ignore=0)                    # 0: unlabeled; 5: not in the 847 table
+        seg = np.zeros((h, w, 3), np.uint8)
+        seg[..., 0] = (cls // 256) * 10 + rng.integers(0, 10, size=(h, w))   # the units digit of R is not class
+        seg[..., 1] = cls % 256
+        seg[..., 2] = rng.integers(0, 256, size=(h, w))                # instance channel
+        folder = f"ADE20K_2021_17_01/images/ADE/{split}/{'urban/street' if k % 2 else 'home_or_hotel/bedroom'}"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        stem = f"{prefix}_{i + 1:08d}"
+        Image.fromarray(_image(rng, cls % 997, -1)).save(root / folder / f"{stem}.jpg", quality=90)
+        Image.fromarray(seg).save(root / folder / f"{stem}_seg.png")
+        index["folder"].append(folder)
+        index["filename"].append(f"{stem}.jpg")
+    index["objectPresence"] = np.zeros((8, len(entries)), dtype=np.uint8)   # numpy array, as in the real index
+    with open(base / "index_ade20k.pkl", "wb") as f:
+        pickle.dump(index, f, protocol=4)
+    return base
+
+
+def _raw_pascal_context(root: Path, n: int, seed: int) -> Path:
+    import json
+
+    from bench.data.prepare import pc59_ids
+
+    rng = _raw_rng("pascal_context", seed)
+    base = root / "VOCdevkit" / "VOC2010"
+    (base / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (base / "trainval").mkdir(parents=True, exist_ok=True)
+    ids59 = np.array(pc59_ids())
+    others = np.array(sorted(set(range(1, 460)) - set(ids59.tolist())))
+    images, anns = [], []
+    for i in range(n + 1):                                             # the last one is a train image
+        h, w = SIZES[i % len(SIZES)]
+        stem = f"2008_{i + 1:06d}"
+        classes = np.concatenate([[0], rng.choice(ids59, size=2, replace=False), rng.choice(others[others > 255], 1)])
+        label_map = _blobs(rng, h, w, classes, ignore=0)               # 0 = unlabeled
+        Image.fromarray(_image(rng, label_map, -1)).save(base / "JPEGImages" / f"{stem}.jpg", quality=90)
+        write_mat_v5(base / "trainval" / f"{stem}.mat", {"LabelMap": label_map.astype(np.uint16)},
+                     compress=bool(i % 2 == 0))
+        image_id = 2008000000 + i + 1
+        images.append({"image_id": image_id, "file_name": f"{stem}.jpg", "height": h, "width": w,
+                       "phase": "train" if i == n else "val"})
+        present = [int(c) for c in np.unique(label_map) if c in set(ids59.tolist())]
+        for c in rng.permutation(present):
+            m = label_map == c
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(c), "area": int(m.sum()),
+                         "iscrowd": 0, "segmentation": rle_encode(m)})
+    cats = [{"category_id": int(c), "name": f"class{c}", "supercategory": "object", "onlysemantic": 0} for c in ids59]
+    doc = {"info": {"description": "synthetic PASCAL in Detail subset (bench.data.synth)"}, "images": images,
+           "categories": cats, "annos_segmentation": anns, "parts": [], "annos_occlusion": [], "annos_boundary": []}
+    (base / "trainval_merged.json").write_text(json.dumps(doc))
+    return base
+
+
+def _raw_voc(root: Path, n: int, seed: int) -> Path:
+    rng = _raw_rng("voc2012", seed)
+    base = root / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    val, train = [], []
+    for i in range(n + 1):                                             # the last one is a train image
+        h, w = SIZES[i % len(SIZES)]
+        stem = f"2007_{i + 1:06d}"
+        if i == n - 1 and n > 1:                                       # background + boundary only
+            label = _blobs(rng, h, w, np.array([0]), ignore=255)
+        else:
+            label = _blobs(rng, h, w, np.concatenate([[0], rng.choice(np.arange(1, 21), 3, replace=False)]), 255)
+        Image.fromarray(_image(rng, label, 255)).save(base / "JPEGImages" / f"{stem}.jpg", quality=90)
+        im = Image.frombytes("P", (w, h), label.astype(np.uint8).tobytes())
+        im.putpalette(voc_palette())
+        im.save(base / "SegmentationClass" / f"{stem}.png")
+        (train if i == n else val).append(stem)
+    (base / "ImageSets/Segmentation/val.txt").write_text("".join(f"{s}\n" for s in val))
+    (base / "ImageSets/Segmentation/train.txt").write_text("".join(f"{s}\n" for s in train))
+    return base
+
+
+_RAW_WRITERS = {"ade150": _raw_ade150, "ade847": _raw_ade847, "pc59": _raw_pascal_context,
+                "pc459": _raw_pascal_context, "voc20": _raw_voc, "voc20b": _raw_voc}
+
+
+def synthesize_raw(root: str | os.PathLike, dataset: str, n_images: int = 3, seed: int = 0) -> Path:
+    """Write a tiny raw download of `dataset` in the official file formats under `root`; returns the folder to pass
+    as `src=` to bench.data.prepare.
+
+    ade150: ADEChallengeData2016/{images,annotations}/{validation,training} (jpg + uint8 png, 0 = other);
+    ade847: ADE20K_2021_17_01/index_ade20k.pkl + images/ADE/<split>/<scene>/ADE_*.jpg + _seg.png (class in R/10, G;
+    the first val image is 520x560 so it gets resized); pc59/pc459: VOCdevkit/VOC2010/{JPEGImages, trainval/*.mat
+    (v5, LabelMap), trainval_merged.json (Detail, RLE)}; voc20/voc20b: VOCdevkit/VOC2012/{JPEGImages,
+    SegmentationClass (palette PNG), ImageSets/Segmentation/{val,train}.txt}, the last val label background and
+    boundary only. Each tree also has one train image that must not be converted. Deterministic in `seed`.
+    """
+    if dataset not in _RAW_WRITERS:
+        raise BenchError(f"no raw format for dataset {dataset!r}; allowed: {list(RAW_DATASETS)}")
+    return _RAW_WRITERS[dataset](Path(root), int(n_images), int(seed))
+
+
 def _parse_args(argv: list[str]) -> dict:
     from omegaconf import OmegaConf
 
