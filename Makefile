@@ -5,13 +5,13 @@ PY := $(VENV)/bin/python
 MODELS ?= san_b,san_l,simseg,scan_l,scan_b
 DATASETS ?= ade847,pc459,ade150,pc59,voc20,voc20b
 
-.PHONY: setup test test-fast bench leaderboard clean
+.PHONY: setup test test-fast bench leaderboard weights clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,cluster]"
 
 test:
 	$(PY) -m pytest -q
@@ -21,6 +21,9 @@ test-fast:
 
 bench:
 	$(PY) -m bench -m model=$(MODELS) dataset=$(DATASETS) $(ARGS)
+
+weights:
+	$(PY) -m bench.fetch $(if $(MODEL),model=$(MODEL),all=true) $(ARGS)
 
 leaderboard:
 	$(PY) -m bench.leaderboard $(ARGS)

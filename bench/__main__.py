@@ -1,8 +1,11 @@
 """The Hydra entry point: `python -m bench model=san_b dataset=ade150 resolution=640` runs one cell;
 `python -m bench -m model=san_b,san_l dataset=ade150,pc59` sweeps the grid (any Hydra launcher).
 
-Each job runs `run_cell` and leaves a `cell_status.json` in its Hydra output folder; at the end of a sweep
-`bench.callbacks.RebuildLeaderboard` rebuilds the tables and exits non-zero if a cell of the sweep failed.
+With `isolate=true` (the default) each cell runs in a fresh spawned process, pinned to one GPU (job number modulo
+the visible GPUs) before CUDA initialises, so peak-memory figures never leak from one cell into the next and a
+cell that dies (killed, out of memory) becomes an error record instead of taking the sweep down.
+Each job leaves `cell_status.json` in its Hydra output folder; after a sweep `bench.callbacks.RebuildLeaderboard`
+rebuilds the tables and exits non-zero if a cell of the sweep failed.
 """
 from __future__ import annotations
 
@@ -12,21 +15,41 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bench import BenchError
 
 
+def _workers() -> int:
+    """Parallel jobs for a local launcher: the visible GPUs, or the CPU cores on a CPU-only machine."""
+    import torch
+
+    return torch.cuda.device_count() or os.cpu_count() or 1
+
+
+OmegaConf.register_new_resolver("bench_workers", _workers, replace=True)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> str:
-    from bench.cell import run_cell
-
-    rec = run_cell(cfg)
     hc = HydraConfig.get()
+    multirun = hc.mode.name == "MULTIRUN"
+    if cfg.isolate:
+        from bench.cell import run_cell_isolated
+
+        rec = run_cell_isolated(cfg, int(hc.job.num) if multirun else 0)
+    else:
+        from bench.cell import run_cell
+
+        rec = run_cell(cfg)
     with open(os.path.join(hc.runtime.output_dir, "cell_status.json"), "w") as f:
         json.dump({"key": rec["key"], "status": rec["status"], "reason": rec.get("reason", "")}, f)
-    if hc.mode.name == "RUN" and rec["status"] == "error":
-        sys.exit(1)
+    if not multirun:
+        from bench.leaderboard import build_leaderboard
+
+        build_leaderboard(cfg.results_dir)
+        if rec["status"] == "error":
+            sys.exit(1)
     return rec["status"]
 
 

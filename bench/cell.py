@@ -10,6 +10,9 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 
@@ -36,8 +39,10 @@ def resolved_config(cfg: DictConfig) -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
+    if name == "auto" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"device={name} asked for, but no CUDA device is visible; use device=cpu or device=auto")
@@ -49,7 +54,10 @@ def short_side(cfg: DictConfig) -> int:
 
 
 def build_model(cfg: DictConfig, device: torch.device):
-    """The model at the cell's protocol (resolution sets the short side, long side <= 4x), dtype and device."""
+    """The model at the cell's protocol (resolution sets the short side, long side <= 4x), dtype and device.
+
+    The random initialisation is seeded (`seed`), so synthesized weights are the same in every process."""
+    torch.manual_seed(int(cfg.seed))
     kwargs = cfg.model.get("builder_kwargs")
     model = create_model(cfg.model.builder, **(OmegaConf.to_container(kwargs, resolve=True) if kwargs else {}))
     if cfg.resolution is not None:
@@ -60,10 +68,11 @@ def build_model(cfg: DictConfig, device: torch.device):
 
 
 def dataset_settings(cfg: DictConfig) -> dict:
-    """The model's per-dataset inference settings, plus the dataset flags the model consumes (e.g. void_reweight)."""
+    """The model's per-dataset inference settings, plus settings it reads from elsewhere in the config
+    (`settings_from_config`: name -> config path, e.g. void_reweight -> dataset.void_reweight)."""
     settings = dict((cfg.model.get("dataset_settings") or {}).get(cfg.dataset.name) or {})
-    for flag in cfg.model.get("dataset_flags") or ():
-        settings[flag] = cfg.dataset[flag]
+    for name, path in (cfg.model.get("settings_from_config") or {}).items():
+        settings[name] = OmegaConf.select(cfg, path)
     return settings
 
 
@@ -87,25 +96,32 @@ def dataset_absent(cfg: DictConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- profile
-def profile_figures(cfg: DictConfig, model, device: torch.device) -> tuple[dict, dict]:
-    """Params + FLOPs + latency at resolution x resolution, cached per (model, protocol, precision, device)."""
-    res = short_side(cfg)
+def profile_cache_path(cfg: DictConfig, device: torch.device) -> str:
+    """Efficiency figures do not depend on the weights or the dataset: one cache entry per (model, protocol,
+    precision, device, threads, iterations, code version) serves every dataset of a sweep."""
     warmup, iters = prof.default_iters(device, cfg.profile.warmup, cfg.profile.iters)
-    cache_key = records.cell_key({"builder": cfg.model.builder, "kwargs": str(cfg.model.builder_kwargs),
-                                  "res": res, "precision": cfg.precision, "device": records.device_name(device),
-                                  "threads": torch.get_num_threads(), "warmup": warmup, "iters": iters,
-                                  "vocab": cfg.profile.vocabulary, "crop_batch": cfg.profile.crop_batch,
-                                  "git": records.git_sha()})
-    cache = os.path.join(cfg.results_dir, "cache", f"profile-{cache_key}.json")
-    cached = records.read_record(cache)
-    if cached is not None:
-        return cached["figures"], cached["timings"]
-    names = load_class_names(cfg.profile.vocabulary)
-    model.encode_vocabulary(names)
-    figures, timings = prof.profile_model(model, res, device, cfg.precision, warmup, iters,
-                                          int(cfg.profile.crop_batch))
-    figures["profile_vocabulary_size"] = len(names)
-    records.atomic_write_json(cache, {"figures": figures, "timings": timings})
+    key = records.cell_key({"builder": cfg.model.builder, "kwargs": str(cfg.model.get("builder_kwargs")),
+                            "res": short_side(cfg), "precision": cfg.precision, "device": records.device_name(device),
+                            "threads": torch.get_num_threads(), "warmup": warmup, "iters": iters,
+                            "vocab": cfg.profile.vocabulary, "crop_batch": cfg.profile.crop_batch,
+                            "enabled": cfg.profile.enabled, "git": records.git_sha()})
+    return os.path.join(cfg.results_dir, "cache", f"profile-{key}.json")
+
+
+def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[dict, dict]:
+    """Params, and (if profile.enabled) FLOPs + latency at resolution x resolution; written to the cache."""
+    pc = cfg.model.params
+    figures = prof.count_params(model, pc.trainable_prefixes or (), pc.text_prefixes or ())
+    figures["params_trainable_published"] = pc.get("trainable_published")
+    timings: dict = {}
+    if cfg.profile.enabled:
+        warmup, iters = prof.default_iters(device, cfg.profile.warmup, cfg.profile.iters)
+        names = load_class_names(cfg.profile.vocabulary)
+        model.encode_vocabulary(names)
+        measured, timings = prof.profile_model(model, short_side(cfg), device, cfg.precision, warmup, iters,
+                                               int(cfg.profile.crop_batch))
+        figures.update(measured, profile_vocabulary_size=len(names))
+    records.atomic_write_json(profile_cache_path(cfg, device), {"figures": figures, "timings": timings})
     return figures, timings
 
 
@@ -115,13 +131,15 @@ def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str
                                 formula=formula, sg_iou_table=dataset.sg_iou_table)
     evaluator.reset()
     n = len(dataset) if cfg.max_images is None else min(len(dataset), int(cfg.max_images))
+    rank, world = dist_rank_world()
+    shard = list(range(rank, n, world))  # torchrun: image i goes to rank i % world
     crops: list[int] = []
     bs = int(cfg.batch_size)
-    bar = tqdm(range(0, n, bs), desc=f"{cfg.model.name}/{cfg.dataset.name}", unit="batch",
-               disable=not cfg.progress, leave=False)
+    bar = tqdm(range(0, len(shard), bs), desc=f"{cfg.model.name}/{cfg.dataset.name}", unit="batch",
+               disable=not cfg.progress or rank != 0, leave=False)
     with torch.inference_mode(), prof.precision_context(cfg.precision, device):
         for start in bar:
-            items = [dataset[i] for i in range(start, min(n, start + bs))]
+            items = [dataset[i] for i in shard[start:start + bs]]
             images = [it["image"] for it in items]
             x, sizes = model.preprocess(images)
             outputs = model(x, sizes)
@@ -132,7 +150,31 @@ def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str
                     raise BenchError(f"non-finite outputs on {item['file_name']}: the checkpoint holds NaN/Inf "
                                      "weights or the precision overflows; check the weights file")
                 evaluator.process(score.argmax(dim=0), torch.from_numpy(item["label"]).to(device))
+    if world > 1:  # sum the shards: confusion matrices, image and crop counts
+        import torch.distributed as dist
+
+        stats = torch.tensor([evaluator.images, sum(crops), len(crops)], dtype=torch.int64, device=device)
+        dist.all_reduce(evaluator.confusion)
+        dist.all_reduce(stats)
+        evaluator.images = int(stats[0])
+        return evaluator.evaluate(), (float(stats[1]) / float(stats[2]) if int(stats[2]) else None)
     return evaluator.evaluate(), (float(np.mean(crops)) if crops else None)
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun; the process group is created on first use (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
 
 
 # ---------------------------------------------------------------------------------------------------- the cell
@@ -147,30 +189,41 @@ def base_record(c: dict, key: str, device_name: str = "") -> dict:
             "config": records.key_inputs(c)}
 
 
-def _run(cfg: DictConfig, rec: dict) -> None:
-    device = resolve_device(cfg.device)
-    prof.set_threads(cfg.threads)
-    rec.update(records.provenance(device))
-    model = build_model(cfg, device)
-    settings = dataset_settings(cfg)
-    model.configure(**settings)
-    rec["dataset_settings"] = json.dumps(settings, sort_keys=True)
-    if cfg.dataset.name in (cfg.model.get("settings_not_published") or []):
-        rec["note"] = "settings not published (PAS-20's used)"
-    pc = cfg.model.params
-    rec.update(prof.count_params(model, pc.trainable_prefixes or (), pc.text_prefixes or ()))
-    rec["params_trainable_published"] = pc.get("trainable_published")
-    timings: dict = {}
-    if cfg.profile.enabled:
-        figures, timings = profile_figures(cfg, model, device)
-        rec.update(figures)
-
-    ckpt = os.path.join(cfg.weights_dir, cfg.model.checkpoint.file)
+def absent_inputs(cfg: DictConfig) -> list[str]:
     absent = []
+    ckpt = os.path.join(cfg.weights_dir, cfg.model.checkpoint.file)
     if not cfg.synthesize_weights and not os.path.isfile(ckpt):
         absent.append(f"no checkpoint at {ckpt}")
     if missing_data := dataset_absent(cfg):
         absent.append(f"no dataset at {missing_data}")
+    return absent
+
+
+def _run(cfg: DictConfig, rec: dict) -> dict:
+    """Fill `rec` in place; returns the per-iteration latency timings (if measured now)."""
+    device = resolve_device(cfg.device)
+    prof.set_threads(cfg.threads)
+    rec.update(records.provenance(device))
+    settings = dataset_settings(cfg)
+    rec["dataset_settings"] = json.dumps(settings, sort_keys=True)
+    if cfg.dataset.name in (cfg.model.get("settings_not_published") or []):
+        rec["note"] = "settings not published (PAS-20's used)"
+    absent = absent_inputs(cfg)
+    cached = records.read_record(profile_cache_path(cfg, device))
+    if absent and cached is not None:  # nothing to evaluate and the efficiency figures are known: no model build
+        rec.update(cached["figures"])
+        rec["status"], rec["reason"] = records.STATUS_MISSING, "; ".join(absent)
+        _finish_crop_figures(rec, None)
+        return {}
+
+    model = build_model(cfg, device)
+    model.configure(**settings)
+    figures, timings = {}, {}
+    if cached is not None:
+        figures = cached["figures"]
+    elif is_rank_zero():  # under torchrun only rank 0 measures (and writes) the efficiency figures
+        figures, timings = efficiency_figures(cfg, model, device)
+    rec.update(figures)
     if absent:
         rec["status"], rec["reason"] = records.STATUS_MISSING, "; ".join(absent)
         _finish_crop_figures(rec, None)
@@ -180,6 +233,7 @@ def _run(cfg: DictConfig, rec: dict) -> None:
         rec["checkpoint_sha256"], rec["checkpoint"] = "", "synthesized (random init)"
     else:
         ck = cfg.model.checkpoint
+        ckpt = os.path.join(cfg.weights_dir, ck.file)
         report = load_checkpoint(model, ckpt, tuple(ck.ignore_prefixes or ()), tuple(ck.optional_keys or ()),
                                  allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
         model.to(device=device, dtype=prof.model_dtype(cfg.precision))
@@ -189,8 +243,7 @@ def _run(cfg: DictConfig, rec: dict) -> None:
     rec["dataset_images"] = len(dataset)
     rec["dataset_images_official"] = cfg.dataset.get("official_val_images")
     rec["sg_iou_table_official"] = dataset.sg_iou_table_official if dataset.sg_iou_table else None
-    names = vocabulary(cfg)
-    model.encode_vocabulary(names)
+    model.encode_vocabulary(vocabulary(cfg))
     t0 = time.perf_counter()
     metrics, mean_crops = evaluate(cfg, model, dataset, device, cfg.miou_formula)
     rec["eval_seconds"] = time.perf_counter() - t0
@@ -240,6 +293,8 @@ def run_cell(cfg: DictConfig) -> dict:
         rec["status"] = records.STATUS_ERROR
         rec["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         rec["traceback"] = traceback.format_exc(limit=8)
+    if not is_rank_zero():
+        return rec  # torchrun: only rank 0 writes the (identical) record
     records.atomic_write_json(path, rec)
     if timings:
         records.atomic_write_json(path[:-len(".json")] + ".timings.json", timings)
@@ -256,3 +311,39 @@ def summary_line(rec: dict) -> str:
         tag = " (pipeline check)" if rec.get("pipeline_check") else ""
         return f"{head}: mIoU {rec.get('mIoU', math.nan):.2f}{tag}{eff}"
     return f"{head}: {rec['reason']}{eff}"
+
+
+# ---------------------------------------------------------------------------------------------------- isolation
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_cell_isolated(cfg: DictConfig, job_num: int) -> dict:
+    """Run the cell in a fresh child process; if it dies, write the error record it could not write."""
+    gpus = _visible_gpus() if cfg.device in ("auto", "cuda") else []
+    gpu = gpus[job_num % len(gpus)] if gpus else None
+    c = resolved_config(cfg)
+    key = records.cell_key(c)
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(c, f)
+    try:  # a plain child process: works the same under every launcher (basic, joblib/loky, submitit, torchrun)
+        proc = subprocess.run([sys.executable, "-m", "bench.cell", f.name], env=env)
+    finally:
+        os.unlink(f.name)
+    rec = records.read_record(records.record_path(cfg.results_dir, key))
+    if rec is None or proc.returncode != 0 and rec.get("status") != "ok":  # died before writing: never silent
+        rec = base_record(c, key)
+        rec["status"] = records.STATUS_ERROR
+        rec["reason"] = f"cell process died with exit code {proc.returncode} (killed or out of memory?)"
+        records.atomic_write_json(records.record_path(cfg.results_dir, key), rec)
+        print(f"[error] {rec['model']}/{rec['dataset']}@{rec['resolution']}: {rec['reason']}")
+    return rec
+
+
+if __name__ == "__main__":  # `python -m bench.cell CONFIG.json`: the child of run_cell_isolated
+    with open(sys.argv[1]) as fh:
+        run_cell(OmegaConf.create(json.load(fh)))

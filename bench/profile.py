@@ -200,6 +200,7 @@ def profile_model(model, resolution: int, device: torch.device, precision: str, 
             out[f"gflops_{scope}_fixed"] = out[f"gflops_{scope}"]
             out[f"gflops_{scope}_all_crops"] = out[f"gflops_{scope}"] + CROP_QUERIES * out["gflops_per_crop"]
             out[f"latency_ms_{scope}_fixed"] = out[f"latency_ms_{scope}_median"]
+            out[f"latency_ms_{scope}_p90_fixed"] = out[f"latency_ms_{scope}_p90"]
             out[f"latency_ms_{scope}_all_crops"] = (out[f"latency_ms_{scope}_median"]
                                                     + CROP_QUERIES * out["latency_ms_per_crop"])
     return out, timings
@@ -216,6 +217,7 @@ def with_crop_count(figures: dict, mean_crops: float | None) -> dict:
     for scope in ("model", "end_to_end"):
         out[f"gflops_{scope}"] = out[f"gflops_{scope}_fixed"] + n * out["gflops_per_crop"]
         out[f"latency_ms_{scope}_median"] = out[f"latency_ms_{scope}_fixed"] + n * out["latency_ms_per_crop"]
+        out[f"latency_ms_{scope}_p90"] = out[f"latency_ms_{scope}_p90_fixed"] + n * out["latency_ms_per_crop"]
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 from bench import BenchError
 
 # Config keys that never change a cell's result (clarifications §17).
-NON_RESULT_KEYS = ("results_dir", "force", "progress", "hydra", "num_workers", "weights_dir", "data_root",
+NON_RESULT_KEYS = ("results_dir", "force", "progress", "hydra", "num_workers", "weights_dir", "data_root", "isolate",
                    "allow_unsafe_pickle")
 
 STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"

@@ -52,7 +52,9 @@ def test_timing_and_summary():
 
 def test_crop_totals():
     fig = {"has_crops": True, "gflops_model_fixed": 10.0, "gflops_end_to_end_fixed": 12.0, "gflops_per_crop": 2.0,
-           "latency_ms_model_fixed": 5.0, "latency_ms_end_to_end_fixed": 6.0, "latency_ms_per_crop": 1.0}
+           "latency_ms_model_fixed": 5.0, "latency_ms_end_to_end_fixed": 6.0, "latency_ms_per_crop": 1.0,
+           "latency_ms_model_p90_fixed": 7.0, "latency_ms_end_to_end_p90_fixed": 8.0}
     out = with_crop_count(fig, 3.5)
     assert out["gflops_model"] == 17.0 and out["latency_ms_end_to_end_median"] == 9.5
+    assert out["latency_ms_model_p90"] == 10.5
     assert with_crop_count(fig, None)["gflops_model"] == 210.0

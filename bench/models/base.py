@@ -10,7 +10,8 @@ A model is an `nn.Module` subclass of `OVSegModel`. The harness only ever does t
 `model.predict(images_uint8)` chains the three for the `end_to_end` scope. Protocol knobs (short side, max
 long side, size divisibility, mean/std) live on the instance and come from the model's config.
 
-Models with a crop branch (SimSeg, SCAN) also expose `crop_cost_inputs()`; see `bench.profile`.
+Models with a crop branch (SimSeg, SCAN) also take `forward(..., skip_crops=True)` (everything but the CLIP crop
+forward) and expose `crop_cost_fn(x, image_sizes, n_crops)`, so `bench.profile` counts them as fixed + per-crop.
 """
 from __future__ import annotations
 

@@ -1,0 +1,131 @@
+"""The cell runner end to end on SAN ViT-B/16 (the real model) at a small resolution on the synthetic layout:
+records, skip/force, missing inputs, failing cells, non-finite outputs, the leaderboard, and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from bench.cell import run_cell
+from bench.leaderboard import build_leaderboard
+from bench.records import load_records
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+FAST = ["resolution=64", "profile.warmup=0", "profile.iters=1", "profile.vocabulary=synthetic8.txt", "progress=false",
+        "dataset=synthetic"]
+
+
+def make_cfg(tmp: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[f"results_dir={tmp / 'results'}", f"data_root={tmp / 'data'}",
+                                            f"weights_dir={tmp / 'weights'}", *FAST, *overrides])
+
+
+@pytest.fixture(scope="module")
+def san_checkpoint(tmp_path_factory):
+    """SAN-B weights in the published layout ({'model': state_dict}), random but fixed; written once."""
+    from bench.models import create_model
+
+    import bench.models.san  # noqa: F401  (registers the builders)
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    model = create_model("san_vit_b_16")
+    torch.save({"model": model.state_dict(), "iteration": 1}, folder / "san_vit_b_16.pth")
+    return folder
+
+
+def test_cell_ok_then_skipped_then_forced(tmp_path, san_checkpoint):
+    cfg = make_cfg(tmp_path, f"weights_dir={san_checkpoint}")
+    rec = run_cell(cfg)
+    assert rec["status"] == "ok", rec.get("reason")
+    assert rec["pipeline_check"] is True  # synthetic data: never a result
+    assert 0.0 <= rec["mIoU"] <= 100.0 and rec["images_evaluated"] == 4
+    assert rec["params_state_total"] == 157_846_408
+    assert rec["gflops_model"] > 0 and rec["latency_ms_model_median"] > 0
+    assert len(rec["checkpoint_sha256"]) == 64 and len(rec["per_class"]) == 8
+    path = tmp_path / "results" / "runs" / f"{rec['key']}.json"
+    mtime = path.stat().st_mtime_ns
+    again = run_cell(cfg)
+    assert again["key"] == rec["key"] and path.stat().st_mtime_ns == mtime  # skipped
+    forced = run_cell(make_cfg(tmp_path, f"weights_dir={san_checkpoint}", "force=true"))
+    assert forced["key"] == rec["key"] and path.stat().st_mtime_ns != mtime
+    assert len(load_records(str(tmp_path / "results"))) == 1
+
+
+def test_missing_inputs_are_recorded_with_the_expected_paths(tmp_path):
+    rec = run_cell(make_cfg(tmp_path, "dataset=ade150"))
+    assert rec["status"] == "missing"
+    assert f"no checkpoint at {tmp_path / 'weights' / 'san_vit_b_16.pth'}" in rec["reason"]
+    assert "no dataset at " in rec["reason"] and "ADEChallengeData2016" in rec["reason"]
+    assert rec["gflops_model"] > 0  # efficiency is measured without weights
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other_model", "nan"])
+def test_bad_checkpoints_fail_the_cell_with_one_line(tmp_path, san_checkpoint, damage):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    src = san_checkpoint / "san_vit_b_16.pth"
+    if damage == "truncated":
+        data = src.read_bytes()
+        (weights / "san_vit_b_16.pth").write_bytes(data[: len(data) // 3])
+    elif damage == "other_model":
+        torch.save({"model": {"backbone.res2.0.conv1.weight": torch.zeros(64, 64, 1, 1)}}, weights / "san_vit_b_16.pth")
+    else:
+        sd = torch.load(src, weights_only=True)["model"]
+        sd = {k: (torch.full_like(v, float("nan")) if k.startswith("side_adapter_network") else v) for k, v in sd.items()}
+        torch.save({"model": sd}, weights / "san_vit_b_16.pth")
+    rec = run_cell(make_cfg(tmp_path))
+    assert rec["status"] == "error" and "\n" not in rec["reason"]
+    expected = {"truncated": "truncated or not a torch checkpoint", "other_model": "does not match",
+                "nan": "non-finite outputs"}[damage]
+    assert expected in rec["reason"]
+
+
+def test_leaderboard_from_cells(tmp_path, san_checkpoint):
+    run_cell(make_cfg(tmp_path, f"weights_dir={san_checkpoint}"))
+    run_cell(make_cfg(tmp_path, "dataset=ade150"))
+    build_leaderboard(str(tmp_path / "results"))
+    md = (tmp_path / "results" / "leaderboard.md").read_text()
+    assert "pipeline check" in md and "no checkpoint at" in md and "SAN ViT-B/16" in md
+    import pandas as pd
+
+    runs = pd.read_csv(tmp_path / "results" / "runs.csv")
+    assert len(runs) == 2 and runs["gflops_model"].dtype.kind == "f"
+    per_class = pd.read_csv(tmp_path / "results" / "per_class.csv")
+    assert len(per_class) == 8 and set(per_class.columns) >= {"class_name", "IoU", "ACC"}
+
+
+def _cli(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_cli_unknown_model_lists_the_valid_ones(tmp_path):
+    out = _cli("model=san_xl", f"results_dir={tmp_path}")
+    assert out.returncode != 0
+    assert "san_b" in out.stderr and "scan_l" in out.stderr
+
+
+@pytest.mark.slow
+def test_sweep_with_a_failing_cell_finishes_then_exits_nonzero(tmp_path, san_checkpoint):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    os.symlink(san_checkpoint / "san_vit_b_16.pth", weights / "san_vit_b_16.pth")
+    (weights / "san_vit_large_14.pth").write_bytes(b"not a checkpoint")
+    out = _cli("-m", "model=san_l,san_b", *FAST, f"results_dir={tmp_path / 'results'}", f"data_root={tmp_path / 'd'}",
+               f"weights_dir={weights}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert out.returncode == 1, out.stdout + out.stderr
+    recs = {r["model"]: r for r in load_records(str(tmp_path / "results"))}
+    assert recs["san_l"]["status"] == "error" and recs["san_b"]["status"] == "ok"
+    assert (tmp_path / "results" / "leaderboard.md").exists()
+    status = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("cell_status.json")]
+    assert sorted(s["status"] for s in status) == ["error", "ok"]
