@@ -26,7 +26,9 @@ from bench import profile as prof
 from bench.data import apply_class_name_overrides, build_dataset, load_class_names, spec_from_cfg
 from bench.metrics import SemSegEvaluator
 from bench.models import create_model
+from bench.models.base import resize_uint8, shortest_edge_size
 from bench.models.checkpoint import load_checkpoint
+from bench.models import text_cache
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +101,13 @@ def dataset_absent(cfg: DictConfig) -> str:
 def profile_cache_path(cfg: DictConfig, device: torch.device) -> str:
     """Efficiency figures do not depend on the weights or the dataset: one cache entry per (model, protocol,
     precision, device, threads, iterations, code version) serves every dataset of a sweep."""
-    warmup, iters = prof.default_iters(device, cfg.profile.warmup, cfg.profile.iters)
+    warmup, iters = prof.default_iters(device, cfg.profile.warmup, cfg.profile.iters, bool(cfg.compile))
     key = records.cell_key({"builder": cfg.model.builder, "kwargs": str(cfg.model.get("builder_kwargs")),
                             "res": short_side(cfg), "precision": cfg.precision, "device": records.device_name(device),
                             "threads": torch.get_num_threads(), "warmup": warmup, "iters": iters,
                             "vocab": cfg.profile.vocabulary, "crop_batch": cfg.profile.crop_batch,
-                            "enabled": cfg.profile.enabled, "git": records.git_sha()})
+                            "enabled": cfg.profile.enabled, "compile": cfg.compile,
+                            "throughput_batch": cfg.profile.throughput_batch, "git": records.git_sha()})
     return os.path.join(cfg.results_dir, "cache", f"profile-{key}.json")
 
 
@@ -115,41 +118,69 @@ def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[di
     figures["params_trainable_published"] = pc.get("trainable_published")
     timings: dict = {}
     if cfg.profile.enabled:
-        warmup, iters = prof.default_iters(device, cfg.profile.warmup, cfg.profile.iters)
+        warmup, iters = prof.default_iters(device, cfg.profile.warmup, cfg.profile.iters, bool(cfg.compile))
         names = load_class_names(cfg.profile.vocabulary)
         model.encode_vocabulary(names)
         measured, timings = prof.profile_model(model, short_side(cfg), device, cfg.precision, warmup, iters,
-                                               int(cfg.profile.crop_batch))
-        figures.update(measured, profile_vocabulary_size=len(names))
+                                               int(cfg.profile.crop_batch), cfg.compile, cfg.profile.throughput_batch)
+        figures.update(measured, profile_vocabulary_size=len(names),
+                       peak_gflops=prof.matmul_peak_gflops(device, cfg.precision))
     records.atomic_write_json(profile_cache_path(cfg, device), {"figures": figures, "timings": timings})
     return figures, timings
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
+class ResizedImages(torch.utils.data.Dataset):
+    """Decode + protocol resize in DataLoader workers: item -> (uint8 CHW tensor at the model's input size,
+    label, original size, file name). Picklable: holds the dataset and the protocol, never the model."""
+
+    def __init__(self, dataset, indices: list[int], protocol):
+        self.dataset, self.indices, self.protocol = dataset, indices, protocol
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[self.indices[i]]
+        image = item["image"]
+        h, w = image.shape[:2]
+        size = shortest_edge_size(h, w, self.protocol.short_side, self.protocol.max_size)
+        resized = torch.from_numpy(resize_uint8(image, size)).permute(2, 0, 1).contiguous()
+        return {"image": resized, "label": torch.from_numpy(item["label"]), "size": (h, w),
+                "file_name": item["file_name"]}
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    return batch
+
+
 def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str) -> tuple[dict, float | None]:
+    """Confusion matrix over the dataset (this rank's shard under torchrun), on the model's device."""
     evaluator = SemSegEvaluator(dataset.num_classes, dataset.ignore_label, dataset.class_names, device=device,
                                 formula=formula, sg_iou_table=dataset.sg_iou_table)
     evaluator.reset()
     n = len(dataset) if cfg.max_images is None else min(len(dataset), int(cfg.max_images))
     rank, world = dist_rank_world()
     shard = list(range(rank, n, world))  # torchrun: image i goes to rank i % world
+    loader = torch.utils.data.DataLoader(
+        ResizedImages(dataset, shard, model.protocol), batch_size=int(cfg.batch_size), shuffle=False,
+        num_workers=int(cfg.num_workers), collate_fn=_as_list, pin_memory=device.type == "cuda",
+        persistent_workers=False)
     crops: list[int] = []
-    bs = int(cfg.batch_size)
-    bar = tqdm(range(0, len(shard), bs), desc=f"{cfg.model.name}/{cfg.dataset.name}", unit="batch",
+    bar = tqdm(loader, desc=f"{cfg.model.name}/{cfg.dataset.name}", unit="batch",
                disable=not cfg.progress or rank != 0, leave=False)
     with torch.inference_mode(), prof.precision_context(cfg.precision, device):
-        for start in bar:
-            items = [dataset[i] for i in shard[start:start + bs]]
-            images = [it["image"] for it in items]
-            x, sizes = model.preprocess(images)
+        for items in bar:
+            images = [it["image"].to(device, non_blocking=True).float() for it in items]
+            x, sizes = model.normalize_and_pad(images)
             outputs = model(x, sizes)
-            scores = model.postprocess(outputs, sizes, [im.shape[:2] for im in images])
+            scores = model.postprocess(outputs, sizes, [it["size"] for it in items])
             crops.extend(int(c) for c in outputs.get("num_crops", []))
             for item, score in zip(items, scores):
                 if not torch.isfinite(score).all():
                     raise BenchError(f"non-finite outputs on {item['file_name']}: the checkpoint holds NaN/Inf "
                                      "weights or the precision overflows; check the weights file")
-                evaluator.process(score.argmax(dim=0), torch.from_numpy(item["label"]).to(device))
+                evaluator.process(score.argmax(dim=0), item["label"].to(device, non_blocking=True))
     if world > 1:  # sum the shards: confusion matrices, image and crop counts
         import torch.distributed as dist
 
@@ -204,6 +235,7 @@ def _run(cfg: DictConfig, rec: dict) -> dict:
     device = resolve_device(cfg.device)
     prof.set_threads(cfg.threads)
     rec.update(records.provenance(device))
+    text_cache.set_cache_dir(os.path.join(cfg.results_dir, "cache", "text") if cfg.text_cache else None)
     settings = dataset_settings(cfg)
     rec["dataset_settings"] = json.dumps(settings, sort_keys=True)
     if cfg.dataset.name in (cfg.model.get("settings_not_published") or []):
@@ -268,9 +300,12 @@ def per_class_rows(metrics: dict, class_names: list[str]) -> list[dict]:
 
 
 def _finish_crop_figures(rec: dict, mean_crops: float | None) -> None:
+    """Crop models: totals at the measured mean crop count; then every model: the compute floor."""
     if rec.get("has_crops"):
         rec.update(prof.with_crop_count(rec, mean_crops))
         rec["mean_crops"] = mean_crops
+    if rec.get("peak_gflops"):
+        rec.update(prof.add_floor(rec, rec["peak_gflops"]))
 
 
 def run_cell(cfg: DictConfig) -> dict:

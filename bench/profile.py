@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import BenchError
 
 PRECISIONS = ("fp32", "tf32", "amp_bf16", "bf16", "fp16")
+COMPILE_MODES = (False, "default", "reduce-overhead", "max-autotune")  # reduce-overhead = CUDA graphs on GPU
 CROP_QUERIES = 100  # upper bound on crops: one per query
 
 
@@ -146,19 +147,21 @@ def deterministic_image(resolution: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
 
 
-def scope_fns(model, image: np.ndarray, crop_batch: int) -> dict[str, Callable[[], object]]:
-    """The callables that are counted and timed: model / end_to_end, split fixed + per-crop for crop models."""
+def scope_fns(model, image: np.ndarray, crop_batch: int, forward=None) -> dict[str, Callable[[], object]]:
+    """The callables that are counted and timed: model / end_to_end, split fixed + per-crop for crop models.
+    `forward` replaces `model.__call__` in both scopes (a torch.compile'd module)."""
+    forward = forward or model
     x, sizes = model.preprocess([image])
     has_crops = hasattr(model, "crop_cost_fn")
     kw = {"skip_crops": True} if has_crops else {}
     out_size = [image.shape[:2]]
 
     def run_model():
-        return model(x, sizes, **kw)
+        return forward(x, sizes, **kw)
 
     def run_end_to_end():
         xx, ss = model.preprocess([image])
-        scores = model.postprocess(model(xx, ss, **kw), ss, out_size)
+        scores = model.postprocess(forward(xx, ss, **kw), ss, out_size)
         return [s.argmax(dim=0) for s in scores]
 
     fns = {"model": run_model, "end_to_end": run_end_to_end}
@@ -168,17 +171,29 @@ def scope_fns(model, image: np.ndarray, crop_batch: int) -> dict[str, Callable[[
 
 
 def profile_model(model, resolution: int, device: torch.device, precision: str, warmup: int, iters: int,
-                  crop_batch: int = 8) -> tuple[dict, dict]:
-    """Returns (flat figures for the record, per-iteration timings by scope)."""
+                  crop_batch: int = 8, compile_mode=False, throughput_batch: int | None = None) -> tuple[dict, dict]:
+    """Returns (flat figures for the record, per-iteration timings by scope).
+
+    FLOPs are always counted on the eager model; with `compile_mode` the timed scopes call the compiled module and
+    the compile time (first call) is reported apart. `throughput_batch` adds a max-batch images/s figure."""
     image = deterministic_image(resolution)
     out: dict = {"profile_resolution": resolution, "threads": torch.get_num_threads(),
                  "latency_warmup": warmup, "latency_iters": iters, "timer": "cuda_events" if device.type == "cuda"
-                 else "perf_counter"}
+                 else "perf_counter", "compile": compile_mode or "eager"}
     timings: dict[str, list[float]] = {}
     with precision_context(precision, device):
-        fns = scope_fns(model, image, crop_batch)
+        eager = scope_fns(model, image, crop_batch)
+        fns = eager
+        if compile_mode:
+            compiled = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+            fns = scope_fns(model, image, crop_batch, forward=compiled)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                fns["model"]()
+            _sync(device)
+            out["compile_seconds"] = time.perf_counter() - t0
         for scope, fn in fns.items():
-            flops = count_flops(fn)
+            flops = count_flops(eager[scope])
             reset_peak_memory(device)
             times = time_fn(fn, device, warmup, iters)
             timings[scope] = times
@@ -194,6 +209,8 @@ def profile_model(model, resolution: int, device: torch.device, precision: str, 
             out[f"latency_{scope}_cv"] = stats["cv"]
         out["peak_mem_mb"] = peak_memory_mb(device)
         out["peak_mem_kind"] = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
+        if throughput_batch:
+            out.update(throughput(model, image, throughput_batch, device, warmup, iters))
     out["has_crops"] = "crops" in timings
     if out["has_crops"]:
         for scope in ("model", "end_to_end"):
@@ -204,6 +221,14 @@ def profile_model(model, resolution: int, device: torch.device, precision: str, 
             out[f"latency_ms_{scope}_all_crops"] = (out[f"latency_ms_{scope}_median"]
                                                     + CROP_QUERIES * out["latency_ms_per_crop"])
     return out, timings
+
+
+def throughput(model, image: np.ndarray, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
+    """Images/s of the `model` scope at a large batch (crop models: fixed part only), beside batch-1 latency."""
+    x, sizes = model.preprocess([image] * batch)
+    kw = {"skip_crops": True} if hasattr(model, "crop_cost_fn") else {}
+    times = time_fn(lambda: model(x, sizes, **kw), device, warmup, iters)
+    return {"throughput_batch": batch, "throughput_img_s": batch * 1e3 / float(np.median(times))}
 
 
 def with_crop_count(figures: dict, mean_crops: float | None) -> dict:
@@ -221,10 +246,36 @@ def with_crop_count(figures: dict, mean_crops: float | None) -> dict:
     return out
 
 
-def default_iters(device: torch.device, warmup: int | None, iters: int | None) -> tuple[int, int]:
+def default_iters(device: torch.device, warmup: int | None, iters: int | None,
+                  compiled: bool = False) -> tuple[int, int]:
+    """GPU: >= 20 warm-up (50 with torch.compile) and 100 timed iterations; CPU: 1 and 3 (stated in the record)."""
     if device.type == "cuda":
-        return (10 if warmup is None else warmup), (100 if iters is None else iters)
-    return (1 if warmup is None else warmup), (3 if iters is None else iters)
+        return (warmup if warmup is not None else 50 if compiled else 20), (100 if iters is None else iters)
+    return (warmup if warmup is not None else 2 if compiled else 1), (3 if iters is None else iters)
+
+
+# ---------------------------------------------------------------------------------------------------- floor
+def matmul_peak_gflops(device: torch.device, precision: str, n: int = 2048, warmup: int = 3, reps: int = 10) -> float:
+    """Measured peak: median GFLOP/s of torch.mm on n x n operands in the precision's dtype, in this process."""
+    dtype = torch.bfloat16 if precision in ("bf16", "amp_bf16") else torch.float16 if precision == "fp16" \
+        else torch.float32
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    with precision_context("tf32" if precision == "tf32" else "fp32", device):
+        times = time_fn(lambda: torch.mm(a, b), device, warmup, reps)
+    return 2 * n ** 3 / (float(np.median(times)) * 1e-3) / 1e9
+
+
+def add_floor(figures: dict, peak_gflops: float) -> dict:
+    """Compute floor (GFLOPs / peak) and the latency / floor ratio for every scope with both figures."""
+    out = dict(figures, peak_gflops=peak_gflops)
+    for scope in ("model", "end_to_end"):
+        gflops, lat = out.get(f"gflops_{scope}"), out.get(f"latency_ms_{scope}_median")
+        if gflops and peak_gflops:
+            out[f"floor_ms_{scope}"] = gflops / peak_gflops * 1e3
+            if lat:
+                out[f"latency_over_floor_{scope}"] = lat / out[f"floor_ms_{scope}"]
+    return out
 
 
 def set_threads(threads: int | None) -> None:

@@ -21,6 +21,7 @@ from bench import BenchError
 
 # Config keys that never change a cell's result (clarifications §17).
 NON_RESULT_KEYS = ("results_dir", "force", "progress", "hydra", "num_workers", "weights_dir", "data_root", "isolate",
+                   "text_cache",
                    "allow_unsafe_pickle")
 
 STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"

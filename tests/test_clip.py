@@ -50,3 +50,30 @@ def test_attention_bias_is_applied():
     bias = torch.zeros(1, 2, 5, 5)
     bias[..., 1:] = -1e4  # every token attends only to token 0
     assert not torch.allclose(t(x), t(x, bias))
+
+
+def test_text_feature_cache_hits_and_keys_on_weights(tmp_path):
+    from bench.models import text_cache
+    from bench.models.clip import encode_with_templates
+
+    torch.manual_seed(0)
+    tower = TextTransformer(context_length=77, vocab_size=49408, width=32, layers=1, heads=2, output_dim=16).eval()
+    calls = []
+    original = tower.forward
+    tower.forward = lambda tokens: calls.append(1) or original(tokens)
+    try:
+        text_cache.set_cache_dir(str(tmp_path))
+        with torch.inference_mode():
+            first = encode_with_templates(tower, ["cat", "dog"], ["a {}.", "the {}"])
+            n_calls = len(calls)
+            again = encode_with_templates(tower, ["cat", "dog"], ["a {}.", "the {}"])
+            assert len(calls) == n_calls and torch.equal(first, again)  # served from disk
+            encode_with_templates(tower, ["cat", "bird"], ["a {}.", "the {}"])
+            assert len(calls) > n_calls  # another vocabulary: computed
+            n_calls = len(calls)
+            tower.text_projection.add_(torch.randn_like(tower.text_projection))  # other weights: never stale
+            changed = encode_with_templates(tower, ["cat", "dog"], ["a {}.", "the {}"])
+            assert len(calls) > n_calls and not torch.allclose(changed, first)
+    finally:
+        text_cache.set_cache_dir(None)
+    assert len([p for p in tmp_path.iterdir() if p.suffix == ".pt"]) == 3

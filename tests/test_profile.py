@@ -58,3 +58,13 @@ def test_crop_totals():
     assert out["gflops_model"] == 17.0 and out["latency_ms_end_to_end_median"] == 9.5
     assert out["latency_ms_model_p90"] == 10.5
     assert with_crop_count(fig, None)["gflops_model"] == 210.0
+
+
+def test_compute_floor_from_measured_peak():
+    from bench.profile import add_floor, matmul_peak_gflops
+
+    peak = matmul_peak_gflops(torch.device("cpu"), "fp32", n=256, warmup=1, reps=3)
+    assert peak > 0.1
+    out = add_floor({"gflops_model": 10.0, "latency_ms_model_median": 200.0}, 100.0)
+    assert out["floor_ms_model"] == 100.0 and out["latency_over_floor_model"] == 2.0
+    assert "floor_ms_end_to_end" not in out

@@ -185,10 +185,18 @@ def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
 
 def encode_with_templates(text_tower: nn.Module, names: list[str], templates: list[str],
                           batch_size: int = 256) -> torch.Tensor:
-    """Per class: normalise each template's embedding, average over templates, normalise again -> [K, E]."""
+    """Per class: normalise each template's embedding, average over templates, normalise again -> [K, E].
+
+    Served from the on-disk text cache when the entry point has enabled it (bench.models.text_cache)."""
+    from bench.models import text_cache
+
     device = next(text_tower.parameters()).device
     prompts = [t.format(name) for name in names for t in templates]
-    tokens = tokenize(prompts).to(device)
-    feats = torch.cat([text_tower(tokens[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
-    feats = F.normalize(feats.float(), dim=-1).view(len(names), len(templates), -1).mean(dim=1)
-    return F.normalize(feats, dim=-1)
+
+    def compute() -> torch.Tensor:
+        tokens = tokenize(prompts).to(device)
+        feats = torch.cat([text_tower(tokens[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
+        feats = F.normalize(feats.float(), dim=-1).view(len(names), len(templates), -1).mean(dim=1)
+        return F.normalize(feats, dim=-1)
+
+    return text_cache.cached(text_tower, prompts, compute).to(device)
