@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODELS ?= san_b,san_l,simseg,scan_l,scan_b
 DATASETS ?= ade847,pc459,ade150,pc59,voc20,voc20b
 
-.PHONY: setup test test-fast bench leaderboard weights clean
+.PHONY: setup test test-fast bench bench-gpu bench-overhead leaderboard weights clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,21 @@ test-fast:
 
 bench:
 	$(PY) -m bench -m model=$(MODELS) dataset=$(DATASETS) $(ARGS)
+
+# The GPU speed grid (issue: speed): every model x 448/640/896 x fp32/bf16 x eager/CUDA graphs, batch-1 latency
+# (20 warm-up, 100 timed) and batch-8 throughput; its own leaderboard file.
+bench-gpu:
+	$(PY) -m bench -m model=$(MODELS) dataset=ade150 resolution=448,640,896 precision=fp32,bf16 \
+		compile=false,reduce-overhead device=cuda profile.throughput_batch=8 $(ARGS)
+	$(PY) -m bench.leaderboard device_type=cuda out=leaderboard-gpu.md
+
+# Harness overhead: full evaluation of a 512-image synthetic split (DataLoader workers, batch 8) vs model-only
+# throughput at the same batch and precision (eval_img_s vs throughput_img_s in runs.csv).
+OVERHEAD_SPLIT := dataset.synth.n_images=512 dataset.layout.image_dir=ovseg_synthetic512/images/validation \
+	dataset.layout.label_dir=ovseg_synthetic512/annotations_detectron2/validation
+bench-overhead:
+	$(PY) -m bench model=san_b dataset=synthetic synthesize_weights=true batch_size=8 num_workers=8 \
+		profile.throughput_batch=8 $(OVERHEAD_SPLIT) $(ARGS)
 
 weights:
 	$(PY) -m bench.fetch $(if $(MODEL),model=$(MODEL),all=true) $(ARGS)

@@ -55,7 +55,7 @@ def short_side(cfg: DictConfig) -> int:
     return int(cfg.resolution) if cfg.resolution is not None else int(cfg.model.protocol.short_side)
 
 
-def build_model(cfg: DictConfig, device: torch.device):
+def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype | None = None):
     """The model at the cell's protocol (resolution sets the short side, long side <= 4x), dtype and device.
 
     The random initialisation is seeded (`seed`), so synthesized weights are the same in every process."""
@@ -66,7 +66,7 @@ def build_model(cfg: DictConfig, device: torch.device):
         model.protocol.short_side = int(cfg.resolution)
         model.protocol.max_size = 4 * int(cfg.resolution)
     model.eval().requires_grad_(False)
-    return model.to(device=device, dtype=prof.model_dtype(cfg.precision))
+    return model.to(device=device, dtype=dtype or prof.model_dtype(cfg.precision))
 
 
 def dataset_settings(cfg: DictConfig) -> dict:
@@ -154,8 +154,12 @@ def _as_list(batch: list[dict]) -> list[dict]:
     return batch
 
 
-def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str) -> tuple[dict, float | None]:
-    """Confusion matrix over the dataset (this rank's shard under torchrun), on the model's device."""
+def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str,
+             reference=None) -> tuple[dict, float | None]:
+    """Confusion matrix over the dataset (this rank's shard under torchrun), on the model's device.
+
+    With a `reference` (the fp32 model, for a reduced-precision cell), the first `compare_fp32_images` images are
+    also run in fp32 and the score maps compared (label agreement %, max abs score difference)."""
     evaluator = SemSegEvaluator(dataset.num_classes, dataset.ignore_label, dataset.class_names, device=device,
                                 formula=formula, sg_iou_table=dataset.sg_iou_table)
     evaluator.reset()
@@ -167,6 +171,7 @@ def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str
         num_workers=int(cfg.num_workers), collate_fn=_as_list, pin_memory=device.type == "cuda",
         persistent_workers=False)
     crops: list[int] = []
+    agree = {"same": 0, "pixels": 0, "max_abs": 0.0, "images": 0}
     bar = tqdm(loader, desc=f"{cfg.model.name}/{cfg.dataset.name}", unit="batch",
                disable=not cfg.progress or rank != 0, leave=False)
     with torch.inference_mode(), prof.precision_context(cfg.precision, device):
@@ -176,11 +181,17 @@ def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str
             outputs = model(x, sizes)
             scores = model.postprocess(outputs, sizes, [it["size"] for it in items])
             crops.extend(int(c) for c in outputs.get("num_crops", []))
+            if reference is not None and agree["images"] < int(cfg.compare_fp32_images):
+                compare_with_reference(reference, x, sizes, items, scores, agree)
             for item, score in zip(items, scores):
                 if not torch.isfinite(score).all():
                     raise BenchError(f"non-finite outputs on {item['file_name']}: the checkpoint holds NaN/Inf "
                                      "weights or the precision overflows; check the weights file")
                 evaluator.process(score.argmax(dim=0), item["label"].to(device, non_blocking=True))
+    extra = {}
+    if agree["images"]:
+        extra = {"fp32_label_agreement_pct": 100.0 * agree["same"] / agree["pixels"],
+                 "fp32_max_abs_score_diff": agree["max_abs"], "fp32_compared_images": agree["images"]}
     if world > 1:  # sum the shards: confusion matrices, image and crop counts
         import torch.distributed as dist
 
@@ -188,8 +199,19 @@ def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str
         dist.all_reduce(evaluator.confusion)
         dist.all_reduce(stats)
         evaluator.images = int(stats[0])
-        return evaluator.evaluate(), (float(stats[1]) / float(stats[2]) if int(stats[2]) else None)
-    return evaluator.evaluate(), (float(np.mean(crops)) if crops else None)
+        return {**evaluator.evaluate(), **extra}, (float(stats[1]) / float(stats[2]) if int(stats[2]) else None)
+    return {**evaluator.evaluate(), **extra}, (float(np.mean(crops)) if crops else None)
+
+
+def compare_with_reference(reference, x: torch.Tensor, sizes, items: list[dict], scores, agree: dict) -> None:
+    """Run the fp32 reference on the same padded batch (autocast off) and accumulate agreement statistics."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        ref_scores = reference.postprocess(reference(x.float(), sizes), sizes, [it["size"] for it in items])
+    for score, ref in zip(scores, ref_scores):
+        agree["same"] += int((score.argmax(0) == ref.argmax(0)).sum())
+        agree["pixels"] += ref[0].numel()
+        agree["max_abs"] = max(agree["max_abs"], float((score.float() - ref).abs().max()))
+        agree["images"] += 1
 
 
 def is_rank_zero() -> bool:
@@ -276,15 +298,31 @@ def _run(cfg: DictConfig, rec: dict) -> dict:
     rec["dataset_images_official"] = cfg.dataset.get("official_val_images")
     rec["sg_iou_table_official"] = dataset.sg_iou_table_official if dataset.sg_iou_table else None
     model.encode_vocabulary(vocabulary(cfg))
+    reference = fp32_reference(cfg, model, device)
     t0 = time.perf_counter()
-    metrics, mean_crops = evaluate(cfg, model, dataset, device, cfg.miou_formula)
+    metrics, mean_crops = evaluate(cfg, model, dataset, device, cfg.miou_formula, reference)
     rec["eval_seconds"] = time.perf_counter() - t0
+    rec["eval_img_s"] = (metrics.get("images") or 0) / rec["eval_seconds"] if rec["eval_seconds"] > 0 else None
     rec["images_evaluated"] = metrics.pop("images", None) or rec["dataset_images"]
     rec["per_class"] = per_class_rows(metrics, dataset.class_names)
     rec.update(metrics)
     _finish_crop_figures(rec, mean_crops)
     rec["status"] = records.STATUS_OK
     return timings
+
+
+def fp32_reference(cfg: DictConfig, model, device: torch.device):
+    """For a reduced-precision cell: the same model in fp32 with the same weights (None for fp32/tf32 cells)."""
+    if cfg.precision in ("fp32", "tf32") or not int(cfg.compare_fp32_images):
+        return None
+    reference = build_model(cfg, device, dtype=torch.float32)  # seeded: synthesized weights are the same
+    if not cfg.synthesize_weights:
+        ck = cfg.model.checkpoint
+        load_checkpoint(reference, os.path.join(cfg.weights_dir, ck.file), tuple(ck.ignore_prefixes or ()),
+                        tuple(ck.optional_keys or ()), allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
+    reference.configure(**dataset_settings(cfg))
+    reference.encode_vocabulary(vocabulary(cfg))
+    return reference
 
 
 def per_class_rows(metrics: dict, class_names: list[str]) -> list[dict]:

@@ -129,3 +129,12 @@ def test_sweep_with_a_failing_cell_finishes_then_exits_nonzero(tmp_path, san_che
     assert (tmp_path / "results" / "leaderboard.md").exists()
     status = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("cell_status.json")]
     assert sorted(s["status"] for s in status) == ["error", "ok"]
+
+
+def test_bf16_cell_reports_agreement_with_fp32(tmp_path):
+    rec = run_cell(make_cfg(tmp_path, "precision=bf16", "synthesize_weights=true", "profile.enabled=false",
+                            "compare_fp32_images=2"))
+    assert rec["status"] == "ok", rec.get("reason")
+    assert rec["fp32_compared_images"] == 2
+    assert 50.0 <= rec["fp32_label_agreement_pct"] <= 100.0 and rec["fp32_max_abs_score_diff"] > 0
+    assert rec["pipeline_check"] is True
