@@ -199,8 +199,13 @@ def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str
         dist.all_reduce(evaluator.confusion)
         dist.all_reduce(stats)
         evaluator.images = int(stats[0])
-        return {**evaluator.evaluate(), **extra}, (float(stats[1]) / float(stats[2]) if int(stats[2]) else None)
-    return {**evaluator.evaluate(), **extra}, (float(np.mean(crops)) if crops else None)
+        mean_crops = float(stats[1]) / float(stats[2]) if int(stats[2]) else None
+    else:
+        mean_crops = float(np.mean(crops)) if crops else None
+    k = dataset.num_classes
+    conf = evaluator.confusion[:k, :k].cpu()  # rows: prediction, columns: ground truth (ignored pixels excluded)
+    extra.update(pred_pixels_per_class=conf.sum(1).tolist(), gt_pixels_per_class=conf.sum(0).tolist())
+    return {**evaluator.evaluate(), **extra}, mean_crops
 
 
 def compare_with_reference(reference, x: torch.Tensor, sizes, items: list[dict], scores, agree: dict) -> None:
@@ -328,9 +333,11 @@ def fp32_reference(cfg: DictConfig, model, device: torch.device):
 def per_class_rows(metrics: dict, class_names: list[str]) -> list[dict]:
     """Pop the per-class entries (IoU-<name>, ACC-<name>, SG-IoU-<name>) into tidy rows."""
     rows = []
+    pred = metrics.pop("pred_pixels_per_class", [None] * len(class_names))
+    gt = metrics.pop("gt_pixels_per_class", [None] * len(class_names))
     for i, name in enumerate(class_names):
         row = {"class_id": i, "class_name": name, "IoU": metrics.pop(f"IoU-{name}", math.nan),
-               "ACC": metrics.pop(f"ACC-{name}", math.nan)}
+               "ACC": metrics.pop(f"ACC-{name}", math.nan), "pred_pixels": pred[i], "gt_pixels": gt[i]}
         if f"SG-IoU-{name}" in metrics:
             row["SG-IoU"] = metrics.pop(f"SG-IoU-{name}")
         rows.append(row)

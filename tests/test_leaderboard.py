@@ -1,0 +1,322 @@
+"""The leaderboard page, from hand-made records only (no model is built): golden markdown (missing cells, errors,
+a pipeline check, two devices, a resolution sweep, two precisions, crop models), the figures it links, filters,
+the published-vs-measured flags, the compute floor, and the CSVs it is generated from.
+
+Refresh the golden files after an intended change of the page:
+`UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_leaderboard.py` (then read the diff). The records come from
+tests/fixtures/leaderboard/make_records.py; published figures from the frozen tests/fixtures/leaderboard/conf.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench import BenchError
+from bench import leaderboard as lb
+from bench.plots import pareto_front
+
+FIXTURES = Path(__file__).parent / "fixtures" / "leaderboard"
+CONF = str(FIXTURES / "conf")
+EXPECTED = FIXTURES / "expected"
+PAGES = {"leaderboard.md": None, "leaderboard-h100.md": {"device": "h100"}}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _results(tmp: Path) -> Path:
+    results = tmp / "results"
+    (results / "runs").mkdir(parents=True)
+    for f in sorted((FIXTURES / "runs").glob("*.json")):
+        shutil.copy(f, results / "runs" / f.name)
+    return results
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The fixture records built into both pages once (main page first, then the H100-only page)."""
+    results = _results(tmp_path_factory.mktemp("lb"))
+    for name, filters in PAGES.items():
+        lb.build_leaderboard(str(results), name, filters, conf_dir=CONF)
+    return results
+
+
+def _links(md: str) -> list[str]:
+    return re.findall(r"\]\(([^)\s]+\.png)\)", md)
+
+
+# ---------------------------------------------------------------------------------------------------- golden
+@pytest.mark.parametrize("name", list(PAGES))
+def test_markdown_matches_golden(built, name):
+    text = (built / name).read_text()
+    golden = EXPECTED / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file {golden}; run with UPDATE_GOLDEN=1"
+    assert text == golden.read_text(), f"{name} differs from {golden} (UPDATE_GOLDEN=1 refreshes it after review)"
+
+
+def test_markdown_is_deterministic(built, tmp_path):
+    results = _results(tmp_path)
+    lb.build_leaderboard(str(results), conf_dir=CONF)
+    assert (results / "leaderboard.md").read_text() == (built / "leaderboard.md").read_text()
+
+
+def test_sections_and_content(built):
+    md = (built / "leaderboard.md").read_text()
+    for heading in ("## Accuracy", "### Published vs measured, cell by cell", "## Efficiency", "### Size and compute",
+                    "### Speed and memory on NVIDIA H100 80GB HBM3", "### Speed and memory on AMD EPYC 7B13",
+                    "### Crop models: cost per dataset", "## Plots", "## Per-class drill-down", "### Resolution sweep",
+                    "## Cells without a result", "## Provenance and protocol", "#### Short side 448, fp32"):
+        assert heading in md
+    assert "16.7 (v0.6 12.6) / 12.6ᴾ (+4.1) ⚠ formula" in md            # PC-459: both formulas, known reason
+    assert "47.1 / 47.7ᴾ (-0.6) ⚠ unexplained" in md                     # a gap nobody explains
+    assert "⚠ partial" in md and "evaluated 200 of 2000 images" in md    # max_images run
+    assert "– (missing) / 10.1ᴾ" in md and "– (error) / 53.8ᴾ" in md
+    assert "cell process died with exit code -9" in md and "no checkpoint at weights/SCAN.pth" in md
+    assert "GMACs = GFLOPs / 2" in md and "580.159.04" in md and "00716eb1c2d3" in md
+    assert "H100 SXM5 datasheet, dense fp32" in md and "182.6 GFLOP/s (measured matmul peak, from the record)" in md
+
+
+def test_pipeline_check_never_shows_an_miou(built):
+    md = (built / "leaderboard.md").read_text()
+    rec = next(json.loads(p.read_text()) for p in (FIXTURES / "runs").glob("*.json")
+               if json.loads(p.read_text())["dataset"] == "synthetic")
+    assert rec["pipeline_check"] and rec["status"] == "ok"
+    row = next(line for line in md.splitlines() if line.startswith("| SCAN ViT-L/14 ") and "pipeline check" in line)
+    assert f"{rec['mIoU']:.1f}" not in row
+    assert "SCAN ViT-L/14 · Synthetic" not in md                         # no per-class drill-down either
+    assert f"{rec['mIoU']:.2f}" not in md
+
+
+def test_missing_cells_feed_efficiency_but_never_accuracy(built):
+    md = (built / "leaderboard.md").read_text()
+    size = md.split("### Size and compute")[1].split("###")[0]
+    assert "| SCAN ViT-L/14 " in size and "| 100 (bound: one per query) |" in size
+    published = md.split("### Published vs measured")[1].split("###")[0]
+    assert "SCAN" not in published
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+def test_every_linked_png_is_written_and_nonempty(built):
+    linked = set()
+    for name in PAGES:
+        links = _links((built / name).read_text())
+        assert links, f"{name} links no figure"
+        for link in links:
+            data = (built / link).read_bytes()
+            assert len(data) > 1000 and data.startswith(PNG_MAGIC), link
+        assert all(link.startswith(Path(name).stem + ".") for link in links)
+        linked |= set(links)
+    assert {p.name for p in built.glob("*.png")} == linked               # nothing unlinked lies in results/
+    main = _links((built / "leaderboard.md").read_text())
+    assert {"leaderboard.gmacs-vs-resolution.png", "leaderboard.miou-vs-resolution.png",
+            "leaderboard.pareto-protocol-nvidia-h100-80gb-hbm3.png",
+            "leaderboard.pareto-r448-nvidia-h100-80gb-hbm3.png"} <= set(main)
+
+
+def test_stale_pngs_are_removed_and_absent_plots_said(tmp_path):
+    results = _results(tmp_path)
+    lb.build_leaderboard(str(results), conf_dir=CONF)
+    assert len(list(results.glob("leaderboard.pareto-*.png"))) >= 2
+    (results / "leaderboard.other.png").write_bytes(b"x")                 # linked by nobody
+    (results / ".tmp-999999999-leaderboard.pareto-x.png").write_bytes(b"x")  # a killed build's temp file
+    for p in (results / "runs").glob("*.json"):                          # keep only cells without an mIoU
+        if json.loads(p.read_text())["status"] == "ok":
+            p.unlink()
+    lb.build_leaderboard(str(results), conf_dir=CONF)
+    md = (results / "leaderboard.md").read_text()
+    assert "_No plot: no cell has both a measured mIoU and a latency yet._" in md
+    assert "_No plot: no measured mIoU yet._" in md
+    assert sorted(p.name for p in results.glob("*.png")) == ["leaderboard.gmacs-vs-resolution.png"]
+    assert not list(results.glob(".tmp-*"))
+    assert _links(md) == ["leaderboard.gmacs-vs-resolution.png"]
+
+
+def test_pareto_front():
+    pts = [(10, 20.0), (12, 19.0), (20, 25.0), (21, 25.0), (30, 24.0), (40, 30.0)]
+    assert pareto_front(pts) == [(10, 20.0), (20, 25.0), (40, 30.0)]
+
+
+# ---------------------------------------------------------------------------------------------------- CSVs, filters
+def test_tables_are_the_source(built):
+    runs = pd.read_csv(built / "runs.csv")
+    per_class = pd.read_csv(built / "per_class.csv")
+    assert len(runs) == len(list((FIXTURES / "runs").glob("*.json")))
+    assert list(runs.columns[:len(lb.RUN_COLUMNS)]) == lb.RUN_COLUMNS
+    for col in ("mIoU", "gflops_model", "latency_ms_model_median", "resolution"):
+        assert runs[col].dtype.kind in "fi", col
+    assert set(per_class["key"]) <= set(runs[runs["status"] == "ok"]["key"])
+    assert {"class_name", "IoU", "ACC"} <= set(per_class.columns)
+
+
+def test_cli_filters_write_a_second_page(built, tmp_path, capsys):
+    results = _results(tmp_path)
+    rc = lb.main([f"results_dir={results}", "model=san_b,simseg", "precision=fp32", "resolution=512,640",
+                  "out=leaderboard-sub.md", "tolerance=1.0", f"conf_dir={CONF}"])
+    assert rc == 0 and "leaderboard-sub.md" in capsys.readouterr().out
+    md = (results / "leaderboard-sub.md").read_text()
+    assert "**Filtered: model = san_b,simseg; resolution = 512,640; precision = fp32.**" in md
+    assert "| SAN ViT-L/14" not in md and "| SCAN ViT" not in md
+    assert "| SimSeg ViT-B/16 " in md and "bf16" not in md.split("## Per-class")[0]
+    assert "⚠ unexplained" not in md                                     # |−0.63| is within tolerance 1.0
+    assert not (results / "leaderboard.md").exists()                    # only the asked page (and the CSVs)
+    assert (results / "runs.csv").exists()
+
+
+def test_cli_rejects_unknown_options(tmp_path, capsys):
+    assert lb.main([f"results_dir={tmp_path}", "modle=san_b"]) == 2
+    assert "unknown option(s) modle" in capsys.readouterr().err
+    with pytest.raises(BenchError, match="unknown leaderboard filter"):
+        lb.build_leaderboard(str(tmp_path), filters={"gpu": "h100"}, conf_dir=CONF)
+
+
+def test_empty_results_dir(tmp_path):
+    path = lb.build_leaderboard(str(tmp_path / "results"), conf_dir=CONF)
+    md = Path(path).read_text()
+    assert "No records yet" in md and not _links(md) and not list((tmp_path / "results").glob("*.png"))
+
+
+def test_real_model_configs_have_published_sources():
+    models = lb.published_figures()
+    assert {"san_b", "san_l", "simseg", "scan_l", "scan_b"} <= set(models)
+    for info in models.values():
+        assert info.protocol and all(s.text for s in info.sources)
+
+
+# ---------------------------------------------------------------------------------------------------- units
+def _row(**kw) -> pd.Series:
+    base = {"dataset": "pc459", "mIoU": 16.71, "mIoU_current": 16.71, "mIoU_v06": 12.59, "miou_formula": "current",
+            "images_evaluated": 5104, "dataset_images_official": 5104, "note": ""}
+    return pd.Series({**base, **kw})
+
+
+@pytest.mark.parametrize("kw, source_formula, ref, codes", [
+    ({}, None, 12.6, ["formula"]),                                   # paper used the v0.6 formula
+    ({}, "current", 16.71, []),                                      # log, like for like
+    ({}, "current", 12.6, ["unexplained"]),                          # known formula, still off
+    ({"images_evaluated": 100}, "current", 16.71, ["partial"]),
+    ({"mIoU_v06": 16.71}, None, 16.0, ["unexplained"]),
+    ({"note": "settings not published (PAS-20's used)"}, None, 16.7, ["settings"]),
+])
+def test_compare_flags(kw, source_formula, ref, codes):
+    src = lb.Source("P", "paper table", "t", {"pc459": ref}, source_formula)
+    c = lb.compare(_row(**kw), src, 0.3)
+    assert c.codes == codes and len(c.reasons) == len(codes)
+
+
+@pytest.mark.parametrize("name, dtype, precision, expected", [
+    ("NVIDIA H100 80GB HBM3", "cuda", "bf16", 989.4e3),
+    ("NVIDIA H100 PCIe", "cuda", "fp32", 51.2e3),
+    ("NVIDIA H200", "cuda", "amp_bf16", 989.4e3),
+    ("NVIDIA A100-SXM4-80GB", "cuda", "tf32", 156e3),
+    ("Tesla V100-SXM2-16GB", "cuda", "fp16", 125e3),
+    ("Tesla V100-SXM2-16GB", "cuda", "bf16", None),
+    ("NVIDIA GeForce RTX 4090", "cuda", "fp16", 165.2e3),
+    ("NVIDIA L40S", "cuda", "fp32", None),                         # \bL4\b must not match L40S
+    ("AMD EPYC 7B13", "cpu", "fp32", None),
+])
+def test_datasheet_peaks(name, dtype, precision, expected):
+    assert lb.peak_gflops(pd.Series({"device_name": name, "device_type": dtype, "precision": precision}))[0] == expected
+
+
+def test_measured_peak_wins_and_floor_flags_impossible_latency():
+    row = pd.Series({"device_name": "AMD EPYC", "device_type": "cpu", "precision": "fp32", "peak_gflops": 100.0})
+    assert lb.peak_gflops(row) == (100.0, "measured matmul peak, from the record")
+    runs = pd.DataFrame([{"key": "k", "status": "missing", "model": "san_b", "dataset": "ade150", "resolution": 640,
+                          "precision": "fp32", "device_name": "AMD EPYC", "device_type": "cpu", "peak_gflops": 100.0,
+                          "gflops_model": 350.0, "latency_ms_model_median": 2000.0, "timestamp": "t"}])
+    page = lb.Page(lb.prepare(runs, lb.published_figures(CONF)), pd.DataFrame(), {}, 0.3, {}, "x")
+    rows, peaks = lb.speed_rows(page, "AMD EPYC", {})
+    assert rows[0]["floor ms"] == "3 500" and rows[0]["median ms"] == "2 000.0 ⚠" and rows[0]["img/s"] == "0.500"
+
+
+def _record(**kw) -> dict:
+    rec = {"key": "0123456789abcdef", "status": "ok", "reason": "", "model": "san_b", "model_display": "SAN ViT-B/16",
+           "dataset": "ade150", "dataset_display": "A-150", "resolution": 640, "resolution_is_protocol": True,
+           "precision": "fp32", "batch_size": 1, "miou_formula": "current", "pipeline_check": False,
+           "device_type": "cuda", "device_name": "NVIDIA H100 PCIe", "driver": "550.54.15", "git_sha": "1234e5678901",
+           "torch_version": "2.14.1+cu130", "cuda_version": "12.10", "timestamp": "2026-11-20T10:00:00+00:00",
+           "mIoU": 27.6, "mIoU_current": 27.6, "mIoU_v06": 27.6, "images_evaluated": 2000,
+           "dataset_images_official": 2000, "per_class": [{"class_id": 0, "class_name": "wall", "IoU": 70.0,
+                                                           "ACC": 80.0}]}
+    return {**rec, **kw}
+
+
+def test_text_columns_survive_the_csv_and_pipeline_checks_never_win(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    real = _record(key="123e4567")                                         # a key pandas would read as 1.23e+71
+    check = _record(key="fedcba9876543210", pipeline_check=True, mIoU=77.777, timestamp="2026-11-21T10:00:00+00:00")
+    for rec in (real, check):
+        (runs / f"{rec['key']}.json").write_text(json.dumps(rec))
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "12.10" in md and "1234e5678901" in md and "550.54.15" in md
+    assert "| SAN ViT-B/16 |   640 | 27.6 / 27.5ᴾ (+0.1) |" in md
+    assert "77.8" not in md and "77.78" not in md                          # the newer pipeline check loses
+    assert "H100 PCIe datasheet, dense fp32" not in md                      # no latency: no speed table
+    assert set(pd.read_csv(tmp_path / "per_class.csv", dtype={"key": str})["key"]) == {"123e4567",
+                                                                                       "fedcba9876543210"}
+
+
+def test_drill_down_uses_predicted_pixel_counts_when_recorded(tmp_path):
+    (tmp_path / "runs").mkdir()
+    rows = [{"class_id": i, "class_name": n, "IoU": iou, "ACC": iou, "pred_pixels": pp}
+            for i, (n, iou, pp) in enumerate([("wall", 70.0, 900), ("floor", 0.0, 0), ("tree", 0.0, 12),
+                                              ("sky", float("nan"), 0)])]
+    (tmp_path / "runs" / "a.json").write_text(json.dumps(_record(key="a", per_class=rows)))
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "3 of 4 classes in the GT, 1 never predicted" in md
+    assert "Never predicted (1): floor." in md and "Absent from the val GT (IoU undefined): 1 class." in md
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["resolution=448"], "resolution = 448"),
+    (["model=[san_b,simseg]", "device=cuda"], "model = san_b,simseg; device = cuda"),
+])
+def test_cli_filter_values_scalar_or_list(tmp_path, args, expect):
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "a.json").write_text(json.dumps(_record(key="a")))
+    (results / "runs" / "b.json").write_text(json.dumps(_record(key="b", resolution=448, resolution_is_protocol=False)))
+    assert lb.main([f"results_dir={results}", f"conf_dir={CONF}", *args]) == 0
+    md = (results / "leaderboard.md").read_text()
+    assert f"**Filtered: {expect}.**" in md
+    assert "#### Short side 448" in md
+    assert ("### mIoU at each model's own protocol resolution" in md) == ("resolution=448" not in args)
+
+
+def test_cpu_floor_from_the_cpu_speed_benchmark(tmp_path):
+    (tmp_path / "runs").mkdir()
+    cpu = {"device_type": "cpu", "device_name": "AMD EPYC 7B13", "driver": "", "gflops_model": 300.0,
+           "latency_ms_model_median": 4000.0, "latency_iters": 3, "latency_warmup": 1, "status": "missing"}
+    (tmp_path / "runs" / "a.json").write_text(json.dumps(_record(key="a", threads=2, **cpu)))
+    (tmp_path / "runs" / "b.json").write_text(json.dumps(_record(key="b", threads=4, resolution=448, **cpu)))
+    pd.DataFrame([{"cpu_model": "AMD EPYC 7B13", "peak_dtype": "fp32", "threads": 2, "peak_gflops": 150.0,
+                   "timestamp": "2026-11-24T08:00:00+00:00"},
+                  {"cpu_model": "AMD EPYC 7B13", "peak_dtype": "fp32", "threads": 2, "peak_gflops": 99.0,
+                   "timestamp": "2026-11-20T08:00:00+00:00"}]).to_csv(tmp_path / "cpu_speed.csv", index=False)
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "fp32: 150.0 GFLOP/s (measured matmul peak, cpu_speed.csv)" in md       # the newest run's peak
+    speed = md.split("### Speed and memory on AMD EPYC 7B13")[1].split("\n\n")[2]
+    assert "|          640 | fp32        |         2 |       – |      2 000 |" in speed
+    assert "|          448 | fp32        |         4 |       – |          – |" in speed   # other thread count
+
+
+def test_cpu_speed_section_goes_into_the_unfiltered_page(tmp_path):
+    pytest.importorskip("bench.speed")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text(json.dumps(_record(key="a")))
+    (tmp_path / "cpu_speed.md").write_text("## CPU speed\n\nsection written by make bench-cpu\n")
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    lb.build_leaderboard(str(tmp_path), "leaderboard-h100.md", {"device": "h100"}, conf_dir=CONF)
+    assert "section written by make bench-cpu" in (tmp_path / "leaderboard.md").read_text()
+    assert "section written by make bench-cpu" not in (tmp_path / "leaderboard-h100.md").read_text()
