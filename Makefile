@@ -27,7 +27,7 @@ bench:
 bench-gpu:
 	$(PY) -m bench -m model=$(MODELS) dataset=ade150 resolution=448,640,896 precision=fp32,bf16 \
 		compile=false,reduce-overhead device=cuda profile.throughput_batch=8 $(ARGS)
-	$(PY) -m bench.leaderboard device_type=cuda out=leaderboard-gpu.md
+	$(PY) -m bench.leaderboard device=cuda out=leaderboard-gpu.md
 
 # Harness overhead: full evaluation of a 512-image synthetic split (DataLoader workers, batch 8) vs model-only
 # throughput at the same batch and precision (eval_img_s vs throughput_img_s in runs.csv).

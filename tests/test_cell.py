@@ -138,3 +138,14 @@ def test_bf16_cell_reports_agreement_with_fp32(tmp_path):
     assert rec["fp32_compared_images"] == 2
     assert 50.0 <= rec["fp32_label_agreement_pct"] <= 100.0 and rec["fp32_max_abs_score_diff"] > 0
     assert rec["pipeline_check"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the GPU path (CUDA events, pinned "
+                    "DataLoader, confusion matrix on the device) is the CPU code with device=cuda")
+def test_gpu_cell_matches_cpu_cell(tmp_path):
+    cpu = run_cell(make_cfg(tmp_path / "cpu", "synthesize_weights=true", "device=cpu"))
+    gpu = run_cell(make_cfg(tmp_path / "gpu", "synthesize_weights=true", "device=cuda", "num_workers=2",
+                            "profile.throughput_batch=2"))
+    assert gpu["status"] == "ok" and gpu["timer"] == "cuda_events" and gpu["device_type"] == "cuda"
+    assert abs(gpu["mIoU"] - cpu["mIoU"]) < 0.5 and gpu["throughput_img_s"] > 0
