@@ -19,7 +19,11 @@ test:
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
 
+# The default run: a pipeline smoke cell (SAN-B, seeded random weights, generated data: marked "pipeline check",
+# never a result), then every model x the six datasets at each model's own protocol; the sweep ends by rebuilding
+# results/leaderboard.md. Cells without weights or data are recorded as missing with the expected path.
 bench:
+	$(PY) -m bench model=san_b dataset=synthetic synthesize_weights=true $(ARGS)
 	$(PY) -m bench -m model=$(MODELS) dataset=$(DATASETS) $(ARGS)
 
 # The GPU speed grid (issue: speed): every model x 448/640/896 x fp32/bf16 x eager/CUDA graphs, batch-1 latency
