@@ -30,8 +30,33 @@ def _workers() -> int:
 OmegaConf.register_new_resolver("bench_workers", _workers, replace=True)
 
 
+def check_writable(results_dir: str) -> None:
+    """Fail fast, in one line, before any cell runs, if the records cannot be written."""
+    import tempfile
+
+    from bench.records import runs_dir
+
+    folder = runs_dir(results_dir)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-writable-"):
+            pass
+    except OSError as e:
+        raise BenchError(f"cannot write results under {folder}: {e.strerror}; set results_dir=<a writable folder>") \
+            from e
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> str:
+    try:  # a BenchError escaping a Hydra task function would be printed as a traceback: one line instead
+        check_writable(cfg.results_dir)
+        return _main(cfg)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
     if cfg.isolate:

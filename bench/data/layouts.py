@@ -236,6 +236,8 @@ def load_class_names(file: str | os.PathLike) -> list[str]:
         s = line.strip()
         if s and not s.startswith("#"):
             names.append(s)
+    if dups := sorted({n for n in names if names.count(n) > 1}):
+        raise BenchError(f"class-name file {path} has duplicate names {dups[:5]}; list each class once, in id order")
     return names
 
 
