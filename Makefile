@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODELS ?= san_b,san_l,simseg,scan_l,scan_b
 DATASETS ?= ade847,pc459,ade150,pc59,voc20,voc20b
 
-.PHONY: setup test test-fast bench bench-gpu bench-overhead leaderboard weights clean
+.PHONY: setup test test-fast bench bench-cpu bench-gpu bench-overhead leaderboard weights clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ test-fast:
 bench:
 	$(PY) -m bench model=san_b dataset=synthetic synthesize_weights=true $(ARGS)
 	$(PY) -m bench -m model=$(MODELS) dataset=$(DATASETS) $(ARGS)
+
+# The CPU speed benchmark (same runner, conf/bench_cpu.yaml): matmul peak, every model at 640x640 in fp32 / bf16 /
+# autocast bf16, scopes model and end_to_end, floor ratios, bf16 label agreement -> results/cpu_speed.csv and the
+# leaderboard's "CPU speed" section. About 45 minutes on 2 cores; CI runs only its smoke test (tests/test_speed.py).
+bench-cpu:
+	$(PY) -m bench --config-name=bench_cpu $(ARGS)
+	$(PY) -m bench.leaderboard
 
 # The GPU speed grid (issue: speed): every model x 448/640/896 x fp32/bf16 x eager/CUDA graphs, batch-1 latency
 # (20 warm-up, 100 timed) and batch-8 throughput; its own leaderboard file.

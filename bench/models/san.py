@@ -327,7 +327,20 @@ def rec_attention_mask(attn_bias: torch.Tensor, grid: tuple[int, int]) -> torch.
 
 
 class RecWithAttnBiasHead(nn.Module):
-    """The remaining CLIP blocks (`resblocks.0..` renumbered), `ln_post`, `proj`: one embedding per mask query."""
+    """The remaining CLIP blocks (`resblocks.0..` renumbered), `ln_post`, `proj`: one embedding per mask query.
+
+    The official head runs [SOS x Q ; CLS ; patches] through each block under the mask of `rec_attention_mask`.
+    That mask splits the sequence in two attention problems, which are run apart here (same result):
+
+    - CLS and patch rows put -100 on every SOS column (weight e^-100 ~ 4e-44, below fp32 resolution next to the
+      unmasked ones) and 0 elsewhere: they attend to CLS + patches only, without a mask, exactly as in plain CLIP.
+    - SOS rows see their own column (0) and the patches (the pooled bias); the other SOS columns and CLS are -100,
+      i.e. nothing: each SOS row attends to [itself ; patches] under a [Q, Q + L] mask.
+
+    Nothing reads the CLS / patch tokens after the last block, so it runs for the SOS rows alone (the patches'
+    keys and values are still projected). Tokens are kept in the order [SOS ; patches ; CLS] so that both key sets
+    are contiguous slices of one fused QKV projection.
+    """
 
     def __init__(self, cfg: SANConfig):
         super().__init__()
@@ -339,13 +352,36 @@ class RecWithAttnBiasHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int], attn_bias: torch.Tensor) -> torch.Tensor:
         """tokens [B,1+L,C] after the extractor's last block; attn_bias [B,heads,Q,H,W] -> [B,Q,E], L2-normalised."""
-        q = attn_bias.shape[2]
+        b, q, heads = attn_bias.shape[0], attn_bias.shape[2], attn_bias.shape[1]
         sos = tokens[:, :1].expand(-1, q, -1)           # SOS_TOKEN_FORMAT="cls_token": Q copies of CLS
-        x = torch.cat([sos, tokens], dim=1)
-        mask = rec_attention_mask(attn_bias, grid).to(x.dtype)
-        for block in self.resblocks:
-            x = block(x, mask)
+        x = torch.cat([sos, tokens[:, 1:], tokens[:, :1]], dim=1)              # [SOS ; patches ; CLS]
+        pooled = F.adaptive_max_pool2d(attn_bias.flatten(1, 2), grid).view(b, heads, q, -1)
+        own = torch.full((q, q), float("-inf"), dtype=pooled.dtype, device=pooled.device).fill_diagonal_(0.0)
+        sos_mask = torch.cat([own.expand(b, heads, q, q), pooled], dim=-1).to(x.dtype)     # [B,heads,Q,Q+L]
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            x = _rec_block(block, x, q, sos_mask, sos_only=i == last)
         return F.normalize(self.ln_post(x[:, :q]) @ self.proj, dim=-1)
+
+
+def _rec_block(block: ResidualAttentionBlock, x: torch.Tensor, q: int, sos_mask: torch.Tensor,
+               sos_only: bool) -> torch.Tensor:
+    """One recognition block on [SOS x q ; patches ; CLS] (see RecWithAttnBiasHead); with `sos_only` the
+    result holds the q SOS rows only."""
+    attn = block.attn
+    b, n, c = x.shape
+    heads = attn.heads
+    y = block.ln_1(x if not sos_only else x[:, :n - 1])       # the last block needs no CLS (SOS rows mask it)
+    m = y.shape[1]
+    qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).view(b, m, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    qh, kh, vh = qkv.unbind(0)                                 # [B, heads, m, d]
+    out = F.scaled_dot_product_attention(qh[:, :, :q], kh[:, :, :n - 1], vh[:, :, :n - 1], attn_mask=sos_mask)
+    if sos_only:
+        x = x[:, :q] + attn.out_proj(out.transpose(1, 2).reshape(b, q, c))
+    else:
+        rest = F.scaled_dot_product_attention(qh[:, :, q:], kh[:, :, q:], vh[:, :, q:])
+        x = x + attn.out_proj(torch.cat([out, rest], dim=2).transpose(1, 2).reshape(b, n, c))
+    return x + block.mlp(block.ln_2(x))
 
 
 class OvClassifier(TextTransformer):
@@ -470,7 +506,8 @@ class SAN(OVSegModel):
         """Per image: mask logits -> bilinear to the padded size -> crop to the image size -> bilinear to the
         output size -> Σ_q softmax(class)[:, :K] · sigmoid(mask) -> [K, H0, W0].
 
-        Queries go in chunks so that at most `max_elements` mask pixels are held at once (large images).
+        Queries go in chunks so that at most `max_elements` mask pixels are held at once (large images). The sum
+        is an out-of-place `addmm` (FlopCounterMode does not count the in-place `addmm_`).
         """
         masks, logits = outputs["mask_pred"], outputs["mask_logits"]
         padded = tuple(outputs.get("padded_size", (masks.shape[-2] * 16, masks.shape[-1] * 16)))
@@ -481,12 +518,52 @@ class SAN(OVSegModel):
             scores = prob.new_zeros(prob.shape[1], h0 * w0)
             chunk = max(1, max_elements // (padded[0] * padded[1] + h0 * w0))
             for s in range(0, mask.shape[0], chunk):
-                m = F.interpolate(mask[None, s:s + chunk], size=padded, mode="bilinear", align_corners=False)
-                m = m[:, :, :h, :w]
-                if (h, w) != (h0, w0):
-                    m = F.interpolate(m, size=(h0, w0), mode="bilinear", align_corners=False)
-                scores.addmm_(prob[s:s + chunk].T, m[0].flatten(1).sigmoid_())
+                m = self._masks_at(mask[s:s + chunk], padded, (h, w), (h0, w0))
+                scores = torch.addmm(scores, prob[s:s + chunk].T, m.flatten(1).sigmoid_())
             results.append(scores.view(-1, h0, w0))
+        return results
+
+    @staticmethod
+    def _masks_at(mask: torch.Tensor, padded: tuple[int, int], size: tuple[int, int],
+                  out_size: tuple[int, int], channels_last: bool = False) -> torch.Tensor:
+        """[Q, h', w'] mask logits -> bilinear to the padded size -> crop to `size` -> bilinear to `out_size`
+        -> [Q, H0, W0]; with `channels_last` the result is laid out pixel-major ([H0, W0, Q] in memory)."""
+        m = mask[None]
+        if channels_last:
+            m = m.contiguous(memory_format=torch.channels_last)
+        m = F.interpolate(m, size=padded, mode="bilinear", align_corners=False)
+        m = m[:, :, :size[0], :size[1]]
+        if tuple(size) != tuple(out_size):
+            m = F.interpolate(m, size=out_size, mode="bilinear", align_corners=False)
+        return m[0]
+
+    def postprocess_labels(self, outputs: dict, image_sizes: list[tuple[int, int]],
+                           output_sizes: list[tuple[int, int]], pixel_chunk: int | None = None,
+                           max_elements: int = 1 << 28) -> list[torch.Tensor]:
+        """The label maps `[s.argmax(0) for s in postprocess(...)]` [H0, W0] (int64), computed without holding
+        the [K, H0, W0] score maps: the masks are resized pixel-major once, then per chunk of pixels sigmoid ->
+        [P, Q] @ [Q, K] -> argmax, all in cache. Same FLOPs as `postprocess`; ties aside, the same labels.
+        Images whose Q x H0 x W0 masks exceed `max_elements` go through `postprocess`. `pixel_chunk` (default 8192
+        per thread) keeps a chunk's [P, K] scores in the L3 cache with few parallel regions (each one is a
+        fork/join of the thread pool, costly when the cores are shared)."""
+        masks, logits = outputs["mask_pred"], outputs["mask_logits"]
+        padded = tuple(outputs.get("padded_size", (masks.shape[-2] * 16, masks.shape[-1] * 16)))
+        pixel_chunk = pixel_chunk or 8192 * max(1, torch.get_num_threads())
+        results = []
+        for i, (mask, cls_logits, size, (h0, w0)) in enumerate(zip(masks, logits, image_sizes, output_sizes)):
+            if mask.shape[0] * max(padded[0] * padded[1], h0 * w0) > max_elements:
+                one = {k: (v[i:i + 1] if k in ("mask_pred", "mask_logits") else v) for k, v in outputs.items()}
+                results.append(self.postprocess(one, [size], [(h0, w0)])[0].argmax(dim=0))
+                continue
+            prob = F.softmax(cls_logits.float(), dim=-1)[:, :-1].contiguous()  # [Q, K]
+            m = self._masks_at(mask.float(), padded, size, (h0, w0), channels_last=True)
+            m = m.permute(1, 2, 0).reshape(h0 * w0, -1)                          # [P, Q], a view when pixel-major
+            labels = torch.empty(h0 * w0, dtype=torch.int64, device=m.device)
+            for s in range(0, h0 * w0, pixel_chunk):
+                scores = torch.mm(m[s:s + pixel_chunk].sigmoid(), prob)
+                # under autocast the product is bf16, whose argmax has no vectorised kernel: compare in fp32
+                torch.argmax(scores.float(), dim=1, out=labels[s:s + pixel_chunk])
+            results.append(labels.view(h0, w0))
         return results
 
 
