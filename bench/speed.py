@@ -70,7 +70,8 @@ CSV_COLUMNS = [
     "peak_dtype", "peak_gflops", "floor_ms", "latency_over_floor", "peak_gflops_interleaved",
     "latency_over_floor_interleaved", "min_ms", "peak_gflops_best", "latency_over_floor_best", "label_agreement",
     "label_agreement_all", "margin_pixel_fraction",
-    "max_abs_score_diff", "max_abs_score_diff_rel", "fp32_labels_distinct", "mask_agreement",
+    "max_abs_score_diff", "max_abs_score_diff_rel", "nonfinite_score_fraction", "fp32_labels_distinct",
+    "mask_agreement",
     "mask_margin_pixel_fraction", "crops", "crops_source", "crop_batch", "fixed_median_ms",
     "fixed_p90_ms", "per_crop_ms", "gflops_fixed", "gflops_per_crop", "channels_last", "allocator", "weights",
     "vocabulary", "num_classes", "text_encode_s", "compile_s", "target", "target_met", "load1", "cpu_model",
@@ -208,11 +209,13 @@ def label_agreement(ref: torch.Tensor, other: torch.Tensor, margin: float = 1e-3
     else:
         keep = torch.ones_like(same)
     n_keep = int(keep.sum())
+    finite = torch.isfinite(other)
     diff = float((other - ref).abs().max())
     scale = float(ref.abs().max())
     return {"label_agreement": float(same[keep].float().mean()) if n_keep else float("nan"),
             "label_agreement_all": float(same.float().mean()), "margin_pixel_fraction": n_keep / same.numel(),
-            "max_abs_score_diff": diff, "max_abs_score_diff_rel": diff / scale if scale > 0 else float("nan")}
+            "max_abs_score_diff": diff, "max_abs_score_diff_rel": diff / scale if scale > 0 else float("nan"),
+            "nonfinite_score_fraction": 1.0 - float(finite.float().mean())}
 
 
 # ---------------------------------------------------------------------------------------------------- scopes
@@ -533,11 +536,43 @@ def _stats(times: list[float]) -> dict:
             float("nan")}
 
 
-def _interleaved_ratio(times: list[float], peaks: list[float], gflops: float) -> tuple[float, float]:
-    if not peaks or gflops <= 0:
-        return float("nan"), float("nan")
-    ratios = [t / (gflops / p * 1e3) for t, p in zip(times, peaks)]
-    return float(statistics.median(peaks)), float(statistics.median(ratios))
+def _figures(runs: dict, scope: str, flops: dict, peak: dict, crops: int | None, crop_batch: int | None) -> dict:
+    """Latency, FLOPs and floor figures of one scope; crop models add crops / crop_batch x one crop batch.
+
+    Interleaved: each iteration's time x the GFLOP/s of the peak probe run just before it is the work it stood
+    for at that moment's speed; the median of that (per part, fixed + crops) over the FLOPs is latency / floor.
+    Best: fastest iteration(s) over the floor at the fastest matmul seen in the run."""
+    fixed = runs[scope]
+    st = _stats(fixed["ms"])
+    gf = flops[scope]["total"] / 1e9
+    gf_attn = flops[scope]["attention"] / 1e9
+    med, p90, fastest = st["median"], st["p90"], min(fixed["ms"])
+    parts = [(fixed, 1.0)]
+    out: dict = {}
+    if crop_batch:
+        cr = runs["crops"]
+        cst = _stats(cr["ms"])
+        scale = crops / crop_batch
+        out.update(fixed_median_ms=med, fixed_p90_ms=p90, per_crop_ms=cst["median"] / crop_batch, gflops_fixed=gf,
+                   gflops_per_crop=flops["crops"]["total"] / 1e9 / crop_batch)
+        med, p90, fastest = med + scale * cst["median"], p90 + scale * cst["median"], fastest + scale * min(cr["ms"])
+        gf += scale * flops["crops"]["total"] / 1e9
+        gf_attn += scale * flops["crops"]["attention"] / 1e9
+        parts.append((cr, scale))
+    floor = gf / peak["gflops"] * 1e3
+    ratio_i = pk_i = float("nan")
+    if all(part["peak_probe_gflops"] for part, _ in parts) and gf > 0:
+        work = sum(w * statistics.median(t * p for t, p in zip(part["ms"], part["peak_probe_gflops"]))
+                   for part, w in parts)               # ms x GFLOP/s
+        ratio_i = work / (gf * 1e3)
+        pk_i = statistics.median(fixed["peak_probe_gflops"])
+    best_peak = max([peak.get("gflops_best", peak["gflops"])]
+                    + [p for part, _ in parts for p in part["peak_probe_gflops"]])
+    out.update(median_ms=med, p90_ms=p90, mean_ms=st["mean"], cv=st["cv"], gflops=gf, gflops_attention=gf_attn,
+               floor_ms=floor, latency_over_floor=med / floor if floor else None, peak_gflops_interleaved=pk_i,
+               latency_over_floor_interleaved=ratio_i, min_ms=fastest, peak_gflops_best=best_peak,
+               latency_over_floor_best=fastest / (gf / best_peak * 1e3) if gf > 0 else None)
+    return out
 
 
 def _variants(sc: DictConfig, name: str) -> list[tuple[str, bool]]:
@@ -681,28 +716,7 @@ def _bench_variant(sc, model, image, precision: str, compiled: bool, flops: dict
         row = dict(base, precision=precision, compile=compiled, scope=scope, compile_s=compile_s,
                    peak_dtype=dtype_name, peak_gflops=peak[dtype_name]["gflops"], load1=runs[scope]["load1"],
                    timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **agree)
-        st = _stats(runs[scope]["ms"])
-        gf = flops[scope]["total"] / 1e9
-        gf_attn = flops[scope]["attention"] / 1e9
-        med, p90, ratio_times = st["median"], st["p90"], runs[scope]["ms"]
-        if has_crops:
-            cst = _stats(runs["crops"]["ms"])
-            scale = crops / crop_batch
-            row.update(fixed_median_ms=med, fixed_p90_ms=p90, per_crop_ms=cst["median"] / crop_batch,
-                       gflops_fixed=gf, gflops_per_crop=flops["crops"]["total"] / 1e9 / crop_batch)
-            med, p90 = med + scale * cst["median"], p90 + scale * cst["median"]
-            gf += scale * flops["crops"]["total"] / 1e9
-            gf_attn += scale * flops["crops"]["attention"] / 1e9
-            ratio_times = [t + scale * cst["median"] for t in ratio_times]
-        floor = gf / peak[dtype_name]["gflops"] * 1e3
-        pk_i, ratio_i = _interleaved_ratio(ratio_times, runs[scope]["peak_probe_gflops"], gf)
-        # best case (quiet moments of a shared machine): fastest iteration over the floor at the fastest matmul
-        best_peak = max([peak[dtype_name].get("gflops_best", peak[dtype_name]["gflops"])]
-                        + list(runs[scope]["peak_probe_gflops"]))
-        row.update(median_ms=med, p90_ms=p90, mean_ms=st["mean"], cv=st["cv"], gflops=gf,
-                   gflops_attention=gf_attn, floor_ms=floor, latency_over_floor=med / floor if floor else None,
-                   peak_gflops_interleaved=pk_i, latency_over_floor_interleaved=ratio_i, min_ms=min(ratio_times),
-                   peak_gflops_best=best_peak, latency_over_floor_best=min(ratio_times) / (gf / best_peak * 1e3))
+        row.update(_figures(runs, scope, flops, peak[dtype_name], crops, crop_batch if has_crops else None))
         rows.append(row)
     return rows, runs, profile
 
@@ -808,6 +822,8 @@ def markdown(rows: list[dict], machine: dict, peak: dict) -> str:
                          f"{r.get('scope', '–')} | " + "– | " * 11 + f"{r['status']}: {r.get('reason', '')} |")
             continue
         n_labels = f" ({r['fp32_labels_distinct']})" if r.get("label_agreement") is not None else ""
+        if r.get("nonfinite_score_fraction"):
+            n_labels += f", {r['nonfinite_score_fraction']:.0%} NaN/Inf scores"
         tgt = r.get("target") or ""
         if r.get("target_met") is not None:
             tgt += " ✓" if r["target_met"] else " ✗"

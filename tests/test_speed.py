@@ -197,3 +197,24 @@ def test_postprocess_flops_are_counted(tiny_san):
     flops = count_flops(lambda: model.postprocess(out, [(64, 64)], [(64, 64)]))
     assert flops == 2 * 100 * len(VOCAB) * 64 * 64
     assert count_flops(lambda: model.postprocess_labels(out, [(64, 64)], [(64, 64)])) == flops
+
+
+def test_crop_model_figures_scale_one_batch():
+    """Crop models: fixed part + crops / crop_batch x one batch; floor = GFLOPs / peak; interleaved ratio uses the
+    probe before each iteration; best = fastest iterations at the fastest matmul."""
+    runs = {"model": {"ms": [100.0, 120.0, 110.0], "peak_probe_gflops": [100.0, 50.0, 100.0]},
+            "crops": {"ms": [40.0, 40.0, 80.0], "peak_probe_gflops": [100.0, 100.0, 50.0]}}
+    flops = {"model": {"total": 10e9, "attention": 2e9}, "crops": {"total": 4e9, "attention": 1e9}}
+    peak = {"gflops": 100.0, "gflops_best": 125.0}
+    f = speed._figures(runs, "model", flops, peak, crops=20, crop_batch=8)
+    scale = 20 / 8
+    assert f["gflops"] == pytest.approx(10 + scale * 4) and f["gflops_attention"] == pytest.approx(2 + scale * 1)
+    assert f["median_ms"] == pytest.approx(110 + scale * 40) and f["per_crop_ms"] == pytest.approx(40 / 8)
+    assert f["floor_ms"] == pytest.approx(f["gflops"] / 100 * 1e3)
+    assert f["latency_over_floor"] == pytest.approx(f["median_ms"] / f["floor_ms"])
+    # work at the moment's speed: median(ms x GFLOP/s) per part = 10000 (fixed) and 4000 (crops)
+    assert f["latency_over_floor_interleaved"] == pytest.approx((10000 + scale * 4000) / (f["gflops"] * 1e3))
+    assert f["min_ms"] == pytest.approx(100 + scale * 40)
+    assert f["latency_over_floor_best"] == pytest.approx(f["min_ms"] / (f["gflops"] / 125 * 1e3))
+    plain = speed._figures({"model": runs["model"]}, "model", flops, peak, crops=None, crop_batch=None)
+    assert plain["gflops"] == 10 and plain["median_ms"] == 110 and "per_crop_ms" not in plain
