@@ -107,7 +107,8 @@ def profile_cache_path(cfg: DictConfig, device: torch.device) -> str:
                             "threads": torch.get_num_threads(), "warmup": warmup, "iters": iters,
                             "vocab": cfg.profile.vocabulary, "crop_batch": cfg.profile.crop_batch,
                             "enabled": cfg.profile.enabled, "compile": cfg.compile,
-                            "throughput_batch": cfg.profile.throughput_batch, "git": records.git_sha()})
+                            "throughput_batch": cfg.profile.throughput_batch, "repeat": cfg.get("repeat", 0),
+                            "git": records.git_sha()})
     return os.path.join(cfg.results_dir, "cache", f"profile-{key}.json")
 
 
@@ -242,7 +243,7 @@ def base_record(c: dict, key: str, device_name: str = "") -> dict:
             "dataset": d["name"], "dataset_display": d.get("display_name", d["name"]),
             "resolution": c["resolution"] if c["resolution"] is not None else m["protocol"]["short_side"],
             "resolution_is_protocol": c["resolution"] is None, "precision": c["precision"],
-            "batch_size": c["batch_size"], "miou_formula": c["miou_formula"],
+            "batch_size": c["batch_size"], "miou_formula": c["miou_formula"], "repeat": c.get("repeat", 0),
             "pipeline_check": bool(c["synthesize_weights"] or d.get("generate", False)),
             "config": records.key_inputs(c)}
 

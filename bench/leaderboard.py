@@ -33,13 +33,14 @@ from bench import BenchError, records
 
 RUN_COLUMNS = [
     "key", "status", "reason", "model", "model_display", "dataset", "dataset_display", "resolution", "precision",
-    "batch_size", "pipeline_check", "mIoU", "mIoU_current", "mIoU_v06", "miou_formula", "fwIoU", "mACC", "pACC",
+    "batch_size", "repeat", "pipeline_check", "mIoU", "mIoU_current", "mIoU_v06", "miou_formula", "fwIoU", "mACC", "pACC",
     "SG-mIoU", "SG-mIoU_current", "SG-mIoU_v06", "sg_iou_table_official", "params_state_total", "params_total", "params_trainable",
     "params_trainable_published", "params_image_path", "gflops_model", "gflops_end_to_end", "gflops_model_fixed",
     "gflops_model_all_crops", "gflops_per_crop", "mean_crops", "latency_ms_model_median", "latency_ms_model_p90",
     "latency_model_cv", "latency_ms_end_to_end_median", "latency_ms_end_to_end_p90", "latency_ms_per_crop",
     "latency_warmup", "latency_iters", "timer", "threads", "peak_mem_mb", "peak_mem_kind", "profile_resolution",
-    "profile_vocabulary_size", "images_evaluated", "dataset_images", "dataset_images_official", "eval_seconds",
+    "profile_vocabulary_size", "throughput_batch", "throughput_img_s", "images_evaluated", "dataset_images",
+    "dataset_images_official", "eval_seconds", "eval_img_s",
     "dataset_settings", "note", "load_note", "checkpoint", "checkpoint_sha256", "git_sha", "torch_version",
     "cuda_version", "device_type", "device_name", "driver", "timestamp",
 ]
@@ -711,6 +712,60 @@ def crop_dataset_rows(page: Page) -> list[dict]:
             for _, r in sub.iterrows()]
 
 
+REPEAT_GROUP = ["model", "dataset", "resolution", "precision", "device", "compile", "threads", "batch_size",
+                "latency_iters"]
+
+
+def repeatability_rows(page: Page) -> list[dict]:
+    """Cells measured more than once (config `repeat=0,1,...`): the spread of the per-run median latencies."""
+    df = page.runs
+    if df.empty or "repeat" not in df or "latency_ms_model_median" not in df:
+        return []
+    df = df[df["latency_ms_model_median"].map(_num).notna() & df["repeat"].map(_num).notna()]
+    cols = [c for c in REPEAT_GROUP if c in df]
+    rows = []
+    for _, g in df.groupby([df[c].astype(str) for c in cols], sort=False):
+        g = g.drop_duplicates(subset=["repeat"], keep="last")
+        if len(g) < 2:
+            continue
+        med = g["latency_ms_model_median"].astype(float)
+        within = g["latency_model_cv"].map(_num).dropna() if "latency_model_cv" in g else pd.Series(dtype=float)
+        e2e = g["latency_ms_end_to_end_median"].map(_num).dropna() if "latency_ms_end_to_end_median" in g \
+            else pd.Series(dtype=float)
+        r = g.iloc[0]
+        rows.append({"model": r["model_label"], "dataset": r["dataset_label"], "short side": _res(r["resolution"]),
+                     "precision": r["precision"], "device": r["device"], "threads": _int(r.get("threads")),
+                     "runs": str(len(g)), "timed iters per run": _fmt(r.get("latency_iters"), 0),
+                     "median of medians ms": _fmt(float(med.median()), 1),
+                     "range ms": f"{med.min():.1f}–{med.max():.1f}",
+                     "CV across runs %": _fmt(float(med.std(ddof=1) / med.mean() * 100), 2),
+                     "mean CV within a run %": _fmt(float(within.mean() * 100) if len(within) else None, 2),
+                     "end-to-end CV across runs %": _fmt(float(e2e.std(ddof=1) / e2e.mean() * 100)
+                                                         if len(e2e) >= 2 else None, 2)})
+    return rows
+
+
+def overhead_rows(page: Page) -> list[dict]:
+    """Full evaluation throughput (data loading, model, scores at full size, confusion) vs model-only throughput at
+    the same batch and precision: the share of the model's speed the harness keeps."""
+    df = page.runs
+    need = ("eval_img_s", "throughput_img_s", "throughput_batch")
+    if df.empty or any(c not in df for c in need):
+        return []
+    df = df[(df["status"] == "ok") & df["eval_img_s"].map(_num).notna() & df["throughput_img_s"].map(_num).notna()]
+    rows = []
+    for _, r in pick(df, ["model", "dataset", "resolution", "precision", "device", "batch_size"]).iterrows():
+        ev, tp = float(r["eval_img_s"]), float(r["throughput_img_s"])
+        same = _num(r.get("batch_size")) == _num(r.get("throughput_batch"))
+        rows.append({"model": r["model_label"], "dataset": r["dataset_label"], "short side": _res(r["resolution"]),
+                     "precision": r["precision"], "device": r["device"], "batch": _int(r.get("batch_size")),
+                     "images": _int(r.get("images_evaluated")),
+                     "evaluation img/s": _sig(ev), "model-only img/s": _sig(tp),
+                     "evaluation ÷ model-only": f"{ev / tp:.1%}" + ("" if same else " (batches differ)")
+                                              + (" (model-only: fixed part)" if _has_crops(r) else "")})
+    return rows
+
+
 def efficiency_section(page: Page) -> list[str]:
     out = ["## Efficiency", ""]
     eff = _has_efficiency(page.runs)
@@ -751,6 +806,23 @@ def efficiency_section(page: Page) -> list[str]:
             "throughput. `CV` = standard deviation ÷ mean of the timed iterations. Peak memory: CUDA = "
             "`torch.cuda.max_memory_allocated`, RSS = the process's peak resident set (includes the Python "
             "runtime and the weights).", ""]
+    rep = repeatability_rows(page)
+    if rep:
+        out += ["### Repeatability", "",
+                "The same cell measured as separate runs in a row (`repeat=0,1,...`, each its own record and "
+                "process): the spread of the per-run median latency (model scope) across runs, beside the spread of "
+                "the timed iterations within a run.", "",
+                _table(rep, {k: "right" for k in ("short side", "threads", "runs", "timed iters per run",
+                                                  "median of medians ms", "range ms", "CV across runs %",
+                                                  "mean CV within a run %", "end-to-end CV across runs %")}), ""]
+    ovh = overhead_rows(page)
+    if ovh:
+        out += ["### Harness overhead", "",
+                "Images/s of a full evaluation (DataLoader decode and resize, model, per-class scores at the "
+                "original size, argmax, confusion matrix) over the images/s of the model scope alone on a "
+                "pre-made batch, at the same batch and precision.", "",
+                _table(ovh, {k: "right" for k in ("short side", "batch", "images", "evaluation img/s",
+                                                  "model-only img/s", "evaluation ÷ model-only")}), ""]
     crop_rows = crop_dataset_rows(page)
     if crop_rows:
         out += ["### Crop models: cost per dataset", "",

@@ -131,6 +131,22 @@ def test_sweep_with_a_failing_cell_finishes_then_exits_nonzero(tmp_path, san_che
     assert sorted(s["status"] for s in status) == ["error", "ok"]
 
 
+def test_repeated_cells_are_separate_measurements(tmp_path):
+    """repeat=0,1: two records (distinct keys), each timed in its own run (no shared profile cache); the
+    leaderboard gets one Repeatability row over both."""
+    recs = [run_cell(make_cfg(tmp_path, "synthesize_weights=true", "max_images=1", f"repeat={i}", "profile.iters=3"))
+            for i in (0, 1)]
+    assert [r["status"] for r in recs] == ["ok", "ok"] and recs[0]["key"] != recs[1]["key"]
+    assert [r["repeat"] for r in recs] == [0, 1]
+    for r in recs:
+        timings = json.loads((tmp_path / "results" / "runs" / f"{r['key']}.timings.json").read_text())
+        assert len(timings["model"]) == 3
+    assert len(list((tmp_path / "results" / "cache").glob("profile-*.json"))) == 2
+    build_leaderboard(str(tmp_path / "results"))
+    section = (tmp_path / "results" / "leaderboard.md").read_text().split("### Repeatability")[1].split("\n###")[0]
+    assert sum(ln.startswith("| SAN ViT-B/16") for ln in section.splitlines()) == 1
+
+
 def test_bf16_cell_reports_agreement_with_fp32(tmp_path):
     rec = run_cell(make_cfg(tmp_path, "precision=bf16", "synthesize_weights=true", "profile.enabled=false",
                             "compare_fp32_images=2"))

@@ -320,3 +320,44 @@ def test_cpu_speed_section_goes_into_the_unfiltered_page(tmp_path):
     lb.build_leaderboard(str(tmp_path), "leaderboard-h100.md", {"device": "h100"}, conf_dir=CONF)
     assert "section written by make bench-cpu" in (tmp_path / "leaderboard.md").read_text()
     assert "section written by make bench-cpu" not in (tmp_path / "leaderboard-h100.md").read_text()
+
+
+def test_repeatability_spread_across_repeated_runs(tmp_path):
+    """Records of the same cell with repeat=0..4 give one row: the CV of their medians (sample std / mean), the
+    range, and the mean within-run CV; a cell measured once gives no row."""
+    (tmp_path / "runs").mkdir()
+    medians = [100.0, 102.0, 98.0, 101.0, 99.0]
+    cpu = {"device_type": "cpu", "device_name": "AMD EPYC", "driver": "", "threads": 2, "latency_iters": 10,
+           "latency_warmup": 3, "gflops_model": 127.0}
+    for i, m in enumerate(medians):
+        rec = _record(key=f"r{i}", repeat=i, latency_ms_model_median=m, latency_model_cv=0.01 * (i + 1),
+                      latency_ms_end_to_end_median=2 * m, **cpu)
+        (tmp_path / "runs" / f"r{i}.json").write_text(json.dumps(rec))
+    once = _record(key="once", repeat=0, model="san_l", model_display="SAN ViT-L/14", latency_ms_model_median=500.0,
+                   **cpu)
+    (tmp_path / "runs" / "once.json").write_text(json.dumps(once))
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    md = (tmp_path / "leaderboard.md").read_text()
+    section = md.split("### Repeatability")[1].split("\n###")[0]
+    cv = pd.Series(medians).std(ddof=1) / pd.Series(medians).mean() * 100
+    row = [ln for ln in section.splitlines() if ln.startswith("| SAN ViT-B/16")]
+    assert len(row) == 1 and "SAN ViT-L/14" not in section
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[6] == "5" and cells[8] == "100.0" and cells[9] == "98.0–102.0"
+    assert cells[10] == f"{cv:.2f}" and cells[11] == "3.00" and cells[12] == f"{cv:.2f}"
+
+
+def test_harness_overhead_is_evaluation_over_model_only(tmp_path):
+    (tmp_path / "runs").mkdir()
+    cpu = {"device_type": "cpu", "device_name": "AMD EPYC", "driver": "", "threads": 2, "latency_iters": 3,
+           "latency_warmup": 1, "gflops_model": 127.0, "latency_ms_model_median": 800.0}
+    rec = _record(key="o", dataset="synthetic", dataset_display="Synthetic", pipeline_check=True, batch_size=8,
+                  throughput_batch=8, throughput_img_s=2.0, eval_img_s=1.9, images_evaluated=512, **cpu)
+    (tmp_path / "runs" / "o.json").write_text(json.dumps(rec))
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    md = (tmp_path / "leaderboard.md").read_text()
+    section = md.split("### Harness overhead")[1].split("\n###")[0]
+    row = [ln for ln in section.splitlines() if ln.startswith("| SAN ViT-B/16")]
+    assert len(row) == 1
+    assert [c.strip() for c in row[0].strip("|").split("|")][5:] == ["8", "512", "1.90", "2.00", "95.0%"]
+    assert "### Repeatability" not in md
