@@ -477,3 +477,38 @@ def test_lfm_with_zero_convs_is_the_identity():
     assert torch.equal(lfm(x, 3), x)
     g = LFM.gaussian(16, 16, 3, x.device)
     assert g[8, 8] == 1.0 and float(g[0, 0]) == pytest.approx(np.exp(-128 / 18))   # centred at (h//2, w//2)
+
+
+def test_pure_bf16_and_autocast_give_finite_scores_close_to_fp32(tiny):
+    """bf16 weights (model.to(bfloat16)) and fp32 weights under CPU autocast: finite scores, the pixel decoder's
+    deformable sampling in fp32 (it returned NaN in bf16 before), and labels mostly those of fp32."""
+    import copy
+
+    images = tiny_images()[:1]
+    with torch.inference_mode():
+        x, sizes = tiny.normalize_and_pad([torch.from_numpy(images[0]).permute(2, 0, 1).float()])
+        ref = tiny.postprocess(tiny(x, sizes), sizes, [images[0].shape[:2]])[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = tiny.postprocess(tiny(x, sizes), sizes, [images[0].shape[:2]])[0].float()
+        bf = copy.deepcopy(tiny).to(torch.bfloat16)
+        pure = bf.postprocess(bf(x.bfloat16(), sizes), sizes, [images[0].shape[:2]])[0].float()
+    for got in (amp, pure):
+        assert torch.isfinite(got).all()
+        assert (got.argmax(0) == ref.argmax(0)).float().mean() > 0.9
+
+
+def test_deformable_sampling_in_bf16_matches_fp32():
+    """CPU `grid_sample` on a bf16 value map laid out as the pixel decoder's (a transposed view) returned NaN and
+    garbage with torch 2.14.1; the core samples in fp32 and returns the caller's dtype."""
+    from bench.models.scan import ms_deform_attn_core
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 8), (16, 16)]
+    n, heads, dim, lq, points = 1, 8, 32, 1344, 4
+    value = torch.randn(n, sum(h * w for h, w in shapes), heads, dim, generator=g)
+    locations = torch.rand(n, lq, heads, len(shapes), points, 2, generator=g) * 1.3 - 0.15
+    weights = torch.rand(n, lq, heads, len(shapes), points, generator=g)
+    ref = ms_deform_attn_core(value, shapes, locations, weights)
+    got = ms_deform_attn_core(value.bfloat16(), shapes, locations.bfloat16(), weights.bfloat16())
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert (got.float() - ref).abs().max() < 0.1 * ref.abs().max()

@@ -393,3 +393,16 @@ def test_image_without_proposals(small):
     p_mf = F.softmax(out["mask_cls_logits"][0], dim=-1)[:, :-1]
     assert torch.allclose(out["ensembled_probs"][0], p_mf ** (1 - model.ensemble_weight))
     assert tuple(scores[0].shape) == (5, 40, 40) and bool(torch.isfinite(scores[0]).all())
+
+
+def test_pure_bf16_runs_and_agrees_with_fp32(small):
+    """bf16 weights end to end (the decoder's sine position embedding follows the model's dtype)."""
+    import copy
+
+    img = rectangles(64, 64, seed=1)
+    few_crops(small, [img])
+    _, _, _, ref = _run(small, img)
+    bf = copy.deepcopy(small).to(torch.bfloat16)
+    _, _, _, got = _run(bf, img)
+    assert torch.isfinite(got[0].float()).all()
+    assert (got[0].float().argmax(0) == ref[0].argmax(0)).float().mean() > 0.9

@@ -348,7 +348,12 @@ def ms_deform_attn_core(value: torch.Tensor, shapes: list[tuple[int, int]], loca
     """Multi-scale deformable attention by bilinear `grid_sample` (zeros padding, align_corners=False).
 
     value [N, S, M, D]; locations [N, Lq, M, L, P, 2] in [0, 1] (x, y); weights [N, Lq, M, L, P] -> [N, Lq, M*D].
+    Runs in fp32 whatever the model's dtype (the official pixel decoder runs outside autocast, see
+    PixelDecoder.forward): bf16 sampling locations are off by up to a third of a pixel on the finest
+    level, and CPU `grid_sample` in bf16 returned NaN and garbage on the transposed value view below (torch 2.14.1).
     """
+    dtype = value.dtype
+    value, locations, weights = value.float(), locations.float(), weights.float()
     n, _, m, d = value.shape
     _, lq, _, nl, p, _ = locations.shape
     values = value.split([h * w for h, w in shapes], dim=1)
@@ -360,7 +365,7 @@ def ms_deform_attn_core(value: torch.Tensor, shapes: list[tuple[int, int]], loca
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
     weights = weights.transpose(1, 2).reshape(n * m, 1, lq, nl * p)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).to(dtype)
 
 
 class MSDeformAttn(nn.Module):
@@ -460,6 +465,14 @@ class PixelDecoder(nn.Module):
         self.layer_1 = ConvNorm(c, c, 3, relu=True)
 
     def forward(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outside autocast, in the weights' dtype: Mask2Former's `forward_features` is `@autocast(enabled=False)`
+        and casts its inputs with `.float()` (msdeformattn.py), so under autocast this stage runs in fp32."""
+        device_type = next(iter(feats.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            dtype = self.mask_features.weight.dtype
+            return self._forward({k: v.to(dtype) for k, v in feats.items()})
+
+    def _forward(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         names = ["res5", "res4", "res3"]
         srcs = [proj(feats[n]) for proj, n in zip(self.input_proj, names)]
         pos = [sine_position_embedding(feats[n], self.transformer.level_embed.shape[1] // 2) for n in names]

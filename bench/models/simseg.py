@@ -308,7 +308,7 @@ class ZeroShotPredictor(nn.Module):
     def forward(self, res5: torch.Tensor, mask_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> class embeddings [B, Q, 512] (not normalised), mask logits [B, Q, H/4, W/4]."""
         b, _, h, w = res5.shape
-        pos = sine_position_embedding(b, h, w, res5.device).flatten(2).permute(2, 0, 1)
+        pos = sine_position_embedding(b, h, w, res5.device).to(res5.dtype).flatten(2).permute(2, 0, 1)
         memory = self.input_proj(res5).flatten(2).permute(2, 0, 1)
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
         hs = self.transformer.decoder(torch.zeros_like(query_pos), memory, pos, query_pos).transpose(0, 1)
