@@ -170,16 +170,18 @@ def test_rec_head_matches_the_official_masked_sequence(tiny_san):
     torch.testing.assert_close(out["mask_emb"], ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (50, 70), (96, 64)])
-def test_postprocess_labels_is_argmax_of_postprocess(tiny_san, shape):
-    """The fused label path gives the argmax of the score maps (square, padded + cropped, resized)."""
+@pytest.mark.parametrize("shape", [(64, 64), (50, 70), (96, 64), (37, 101)])
+@pytest.mark.parametrize("rows_per_band", [1, 3, 8])
+def test_postprocess_labels_is_argmax_of_postprocess(tiny_san, shape, rows_per_band):
+    """The banded label path (separable resizes, padded class GEMM) gives the argmax of the score maps: square,
+    padded + cropped, resized back to a smaller or larger original size, any band height."""
     model = tiny_san
     image = torch.randint(0, 256, (*shape, 3), generator=torch.Generator().manual_seed(2)).to(torch.uint8).numpy()
     with torch.inference_mode():
         x, sizes = model.preprocess([image])
         out = model(x, sizes)
         scores = model.postprocess(out, sizes, [shape])[0]
-        labels = model.postprocess_labels(out, sizes, [shape], pixel_chunk=257)[0]
+        labels = model.postprocess_labels(out, sizes, [shape], rows_per_band=rows_per_band)[0]
         forced = model.postprocess_labels(out, sizes, [shape], max_elements=1)[0]   # the fallback path
     ref = scores.argmax(dim=0)
     top2 = scores.topk(2, dim=0).values
