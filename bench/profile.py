@@ -193,7 +193,8 @@ def profile_model(model, resolution: int, device: torch.device, precision: str, 
             _sync(device)
             out["compile_seconds"] = time.perf_counter() - t0
         for scope, fn in fns.items():
-            flops = count_flops(eager[scope])
+            with model.published_computation():    # the papers' count (a fast path may skip unread work)
+                flops = count_flops(eager[scope])
             reset_peak_memory(device)
             times = time_fn(fn, device, warmup, iters)
             timings[scope] = times
