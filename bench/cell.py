@@ -146,7 +146,10 @@ class ResizedImages(torch.utils.data.Dataset):
         image = item["image"]
         h, w = image.shape[:2]
         size = shortest_edge_size(h, w, self.protocol.short_side, self.protocol.max_size)
-        resized = torch.from_numpy(resize_uint8(image, size)).permute(2, 0, 1).contiguous()
+        resized = resize_uint8(image, size)
+        if not resized.flags.writeable:    # an image already at the protocol size comes back as decoded (read-only)
+            resized = resized.copy()
+        resized = torch.from_numpy(resized).permute(2, 0, 1).contiguous()
         return {"image": resized, "label": torch.from_numpy(item["label"]), "size": (h, w),
                 "file_name": item["file_name"]}
 

@@ -341,3 +341,14 @@ def test_num_classes_must_match_classes_file():
 def test_unknown_config_key():
     with pytest.raises(BenchError, match="unknown keys \\['colour'\\]"):
         spec_from_cfg(cfg("ade150", colour="red"))
+
+
+def test_synthetic_split_of_one_image_size(tmp_path):
+    """`dataset.synth.size` writes every image (and label) at that size: the harness-overhead split."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(load_dataset_cfg("synthetic"))
+    cfg.synth.n_images, cfg.synth.size = 5, [40, 56]
+    ds = build_dataset(cfg, str(tmp_path))
+    assert len(ds) == 5
+    assert {ds[i]["image"].shape for i in range(5)} == {(40, 56, 3)} and ds[0]["label"].shape == (40, 56)

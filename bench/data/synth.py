@@ -74,13 +74,15 @@ def _pick_classes(rng: np.random.Generator, spec: DatasetSpec) -> np.ndarray:
     return chosen
 
 
-def _write_layout(spec: DatasetSpec, layout: Layout, root: Path, n_images: int, seed: int) -> None:
+def _write_layout(spec: DatasetSpec, layout: Layout, root: Path, n_images: int, seed: int,
+                  size: tuple[int, int] | None = None) -> None:
+    """`size` (H, W): every image that size (e.g. a throughput split); else the small mixed SIZES."""
     rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
     img_dir, lbl_dir = root / layout.image_dir, root / layout.label_dir
     img_dir.mkdir(parents=True, exist_ok=True)
     lbl_dir.mkdir(parents=True, exist_ok=True)
     for i in range(n_images):
-        h, w = SIZES[i % len(SIZES)]
+        h, w = tuple(size) if size else SIZES[i % len(SIZES)]
         stem = f"{spec.name}_{i:06d}" if not layout.extra_images else f"2008_{i:06d}"
         label = _blobs(rng, h, w, _pick_classes(rng, spec), spec.ignore_label)
         image = _image(rng, label, spec.ignore_label)
@@ -108,8 +110,9 @@ def synthesize_spec(spec: DatasetSpec, root: str | os.PathLike, n_images: int | 
     seed = int(seed if seed is not None else spec.synth.get("seed", 0))
     root = Path(root)
     layout = spec.layout
+    size = spec.synth.get("size")
     if not atomic:
-        _write_layout(spec, layout, root, n_images, seed)
+        _write_layout(spec, layout, root, n_images, seed, size)
         return root / layout.label_dir
     top = Path(layout.label_dir).parts[0]
     if Path(layout.image_dir).parts[0] != top:
@@ -118,7 +121,7 @@ def synthesize_spec(spec: DatasetSpec, root: str | os.PathLike, n_images: int | 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{top}.", dir=root))
     try:
-        _write_layout(spec, layout, tmp, n_images, seed)
+        _write_layout(spec, layout, tmp, n_images, seed, size)
         try:
             os.rename(tmp / top, root / top)
         except OSError:
@@ -228,7 +231,7 @@ def _raw_ade150(root: Path, n: int, seed: int) -> Path:
         (base / "images" / split).mkdir(parents=True, exist_ok=True)
         (base / "annotations" / split).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            h, w = SIZES[i % len(SIZES)]
+            h, w = tuple(size) if size else SIZES[i % len(SIZES)]
             label = _blobs(rng, h, w, rng.choice(np.arange(1, 151), size=4, replace=False), ignore=0)  # 0 = other
             image = _image(rng, label, 0)
             Image.fromarray(image).save(base / "images" / split / f"{prefix}_{i + 1:08d}.jpg", quality=90)
@@ -283,7 +286,7 @@ def _raw_pascal_context(root: Path, n: int, seed: int) -> Path:
     others = np.array(sorted(set(range(1, 460)) - set(ids59.tolist())))
     images, anns = [], []
     for i in range(n + 1):                                             # the last one is a train image
-        h, w = SIZES[i % len(SIZES)]
+        h, w = tuple(size) if size else SIZES[i % len(SIZES)]
         stem = f"2008_{i + 1:06d}"
         classes = np.concatenate([[0], rng.choice(ids59, size=2, replace=False), rng.choice(others[others > 255], 1)])
         label_map = _blobs(rng, h, w, classes, ignore=0)               # 0 = unlabeled
@@ -312,7 +315,7 @@ def _raw_voc(root: Path, n: int, seed: int) -> Path:
         (base / d).mkdir(parents=True, exist_ok=True)
     val, train = [], []
     for i in range(n + 1):                                             # the last one is a train image
-        h, w = SIZES[i % len(SIZES)]
+        h, w = tuple(size) if size else SIZES[i % len(SIZES)]
         stem = f"2007_{i + 1:06d}"
         if i == n - 1 and n > 1:                                       # background + boundary only
             label = _blobs(rng, h, w, np.array([0]), ignore=255)
