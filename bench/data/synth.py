@@ -231,7 +231,7 @@ def _raw_ade150(root: Path, n: int, seed: int) -> Path:
         (base / "images" / split).mkdir(parents=True, exist_ok=True)
         (base / "annotations" / split).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            h, w = tuple(size) if size else SIZES[i % len(SIZES)]
+            h, w = SIZES[i % len(SIZES)]
             label = _blobs(rng, h, w, rng.choice(np.arange(1, 151), size=4, replace=False), ignore=0)  # 0 = other
             image = _image(rng, label, 0)
             Image.fromarray(image).save(base / "images" / split / f"{prefix}_{i + 1:08d}.jpg", quality=90)
@@ -286,7 +286,7 @@ def _raw_pascal_context(root: Path, n: int, seed: int) -> Path:
     others = np.array(sorted(set(range(1, 460)) - set(ids59.tolist())))
     images, anns = [], []
     for i in range(n + 1):                                             # the last one is a train image
-        h, w = tuple(size) if size else SIZES[i % len(SIZES)]
+        h, w = SIZES[i % len(SIZES)]
         stem = f"2008_{i + 1:06d}"
         classes = np.concatenate([[0], rng.choice(ids59, size=2, replace=False), rng.choice(others[others > 255], 1)])
         label_map = _blobs(rng, h, w, classes, ignore=0)               # 0 = unlabeled
@@ -315,7 +315,7 @@ def _raw_voc(root: Path, n: int, seed: int) -> Path:
         (base / d).mkdir(parents=True, exist_ok=True)
     val, train = [], []
     for i in range(n + 1):                                             # the last one is a train image
-        h, w = tuple(size) if size else SIZES[i % len(SIZES)]
+        h, w = SIZES[i % len(SIZES)]
         stem = f"2007_{i + 1:06d}"
         if i == n - 1 and n > 1:                                       # background + boundary only
             label = _blobs(rng, h, w, np.array([0]), ignore=255)
