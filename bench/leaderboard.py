@@ -766,6 +766,13 @@ def overhead_rows(page: Page) -> list[dict]:
     return rows
 
 
+def _captioned_table(heading: str, rows: list[dict], caption: str, right: tuple[str, ...]) -> list[str]:
+    """A `###` subsection (heading, caption, table with `right` columns right-aligned); nothing without rows."""
+    if not rows:
+        return []
+    return [f"### {heading}", "", caption, "", _table(rows, {k: "right" for k in right}), ""]
+
+
 def efficiency_section(page: Page) -> list[str]:
     out = ["## Efficiency", ""]
     eff = _has_efficiency(page.runs)
@@ -806,29 +813,24 @@ def efficiency_section(page: Page) -> list[str]:
             "throughput. `CV` = standard deviation ÷ mean of the timed iterations. Peak memory: CUDA = "
             "`torch.cuda.max_memory_allocated`, RSS = the process's peak resident set (includes the Python "
             "runtime and the weights).", ""]
-    rep = repeatability_rows(page)
-    if rep:
-        out += ["### Repeatability", "",
-                "The same cell measured as separate runs in a row (`repeat=0,1,...`, each its own record and "
-                "process): the spread of the per-run median latency (model scope) across runs, beside the spread of "
-                "the timed iterations within a run.", "",
-                _table(rep, {k: "right" for k in ("short side", "threads", "runs", "timed iters per run",
-                                                  "median of medians ms", "range ms", "CV across runs %",
-                                                  "mean CV within a run %", "end-to-end CV across runs %")}), ""]
-    ovh = overhead_rows(page)
-    if ovh:
-        out += ["### Harness overhead", "",
-                "Images/s of a full evaluation (DataLoader decode and resize, model, per-class scores at the "
-                "original size, argmax, confusion matrix) over the images/s of the model scope alone on a "
-                "pre-made batch, at the same batch and precision.", "",
-                _table(ovh, {k: "right" for k in ("short side", "batch", "images", "evaluation img/s",
-                                                  "model-only img/s", "evaluation ÷ model-only")}), ""]
-    crop_rows = crop_dataset_rows(page)
-    if crop_rows:
-        out += ["### Crop models: cost per dataset", "",
-                "SimSeg and SCAN classify one CLIP crop per kept mask proposal, so their cost depends on the data: "
-                "the mean crop count of each evaluated dataset and the totals at that count.", "",
-                _table(crop_rows, {k: "right" for k in ("short side", "mean crops", "GFLOPs", "median ms")}), ""]
+    out += _captioned_table(
+        "Repeatability", repeatability_rows(page),
+        "The same cell measured as separate runs in a row (`repeat=0,1,...`, each its own record and process): the "
+        "spread of the per-run median latency (model scope) across runs, beside the spread of the timed iterations "
+        "within a run.",
+        ("short side", "threads", "runs", "timed iters per run", "median of medians ms", "range ms",
+         "CV across runs %", "mean CV within a run %", "end-to-end CV across runs %"))
+    out += _captioned_table(
+        "Harness overhead", overhead_rows(page),
+        "Images/s of a full evaluation (DataLoader decode and resize, model, per-class scores at the original size, "
+        "argmax, confusion matrix) over the images/s of the model scope alone on a pre-made batch, at the same "
+        "batch and precision.",
+        ("short side", "batch", "images", "evaluation img/s", "model-only img/s", "evaluation ÷ model-only"))
+    out += _captioned_table(
+        "Crop models: cost per dataset", crop_dataset_rows(page),
+        "SimSeg and SCAN classify one CLIP crop per kept mask proposal, so their cost depends on the data: the mean "
+        "crop count of each evaluated dataset and the totals at that count.",
+        ("short side", "mean crops", "GFLOPs", "median ms"))
     return out
 
 

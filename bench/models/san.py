@@ -569,13 +569,10 @@ class SAN(OVSegModel):
 
     @staticmethod
     def _masks_at(mask: torch.Tensor, padded: tuple[int, int], size: tuple[int, int],
-                  out_size: tuple[int, int], channels_last: bool = False) -> torch.Tensor:
+                  out_size: tuple[int, int]) -> torch.Tensor:
         """[Q, h', w'] mask logits -> bilinear to the padded size -> crop to `size` -> bilinear to `out_size`
-        -> [Q, H0, W0]; with `channels_last` the result is laid out pixel-major ([H0, W0, Q] in memory)."""
-        m = mask[None]
-        if channels_last:
-            m = m.contiguous(memory_format=torch.channels_last)
-        m = F.interpolate(m, size=padded, mode="bilinear", align_corners=False)
+        -> [Q, H0, W0]."""
+        m = F.interpolate(mask[None], size=padded, mode="bilinear", align_corners=False)
         m = m[:, :, :size[0], :size[1]]
         if tuple(size) != tuple(out_size):
             m = F.interpolate(m, size=out_size, mode="bilinear", align_corners=False)
