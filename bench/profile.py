@@ -28,8 +28,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import BenchError
+from bench import precision as precision_mod
 
-PRECISIONS = ("fp32", "tf32", "amp_bf16", "bf16", "fp16")
 COMPILE_MODES = (False, "default", "reduce-overhead", "max-autotune")  # reduce-overhead = CUDA graphs on GPU
 CROP_QUERIES = 100  # upper bound on crops: one per query
 
@@ -48,29 +48,8 @@ def count_params(model: torch.nn.Module, trainable_prefixes=(), text_prefixes=()
 
 
 # ---------------------------------------------------------------------------------------------------- precision
-@contextlib.contextmanager
-def precision_context(precision: str, device: torch.device):
-    """Backend flags and autocast for one cell; every flag is restored afterwards."""
-    if precision not in PRECISIONS:
-        raise BenchError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-    tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    try:
-        if precision == "amp_bf16":
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                yield
-        else:
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
-        torch.set_float32_matmul_precision(saved[2])
-
-
-def model_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+precision_context = precision_mod.context   # one definition of each precision: bench/precision.py
+model_dtype = precision_mod.model_dtype
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
@@ -258,8 +237,7 @@ def default_iters(device: torch.device, warmup: int | None, iters: int | None,
 # ---------------------------------------------------------------------------------------------------- floor
 def matmul_peak_gflops(device: torch.device, precision: str, n: int = 2048, warmup: int = 3, reps: int = 10) -> float:
     """Measured peak: median GFLOP/s of torch.mm on n x n operands in the precision's dtype, in this process."""
-    dtype = torch.bfloat16 if precision in ("bf16", "amp_bf16") else torch.float16 if precision == "fp16" \
-        else torch.float32
+    dtype = precision_mod.peak_dtype(precision)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     with precision_context("tf32" if precision == "tf32" else "fp32", device):
