@@ -37,7 +37,7 @@ bench-cpu:
 # (20 warm-up, 100 timed) and batch-8 throughput; its own leaderboard file.
 bench-gpu:
 	$(PY) -m bench -m model=$(MODELS) dataset=ade150 resolution=448,640,896 precision=fp32,bf16 \
-		compile=false,reduce-overhead device=cuda profile.throughput_batch=8 $(ARGS)
+		compile=eager,reduce-overhead device=cuda profile.throughput_batch=8 $(ARGS)
 	$(PY) -m bench.leaderboard device=cuda out=leaderboard-gpu.md
 
 # Harness overhead: full evaluation of a 512-image synthetic split of square OVERHEAD_SIZE images (DataLoader

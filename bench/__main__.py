@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bench import BenchError
+from bench import config as bench_config   # registers the typed schema (bench_schema) with Hydra
 
 
 def _workers() -> int:
@@ -28,6 +29,9 @@ def _workers() -> int:
 
 
 OmegaConf.register_new_resolver("bench_workers", _workers, replace=True)
+OmegaConf.register_new_resolver("bench_pid", os.getpid, replace=True)
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_VALUE, EXIT_MISSING = 0, 1, 2, 3   # a single cell's exit code says what it produced
 
 
 def check_writable(results_dir: str) -> None:
@@ -49,6 +53,8 @@ def check_writable(results_dir: str) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> str:
     try:  # a BenchError escaping a Hydra task function would be printed as a traceback: one line instead
+        cfg = bench_config.plain(cfg)   # typed values checked by Hydra; from here on plain strings and numbers
+        bench_config.check_values(cfg)
         check_writable(cfg.results_dir)
         return _main(cfg)
     except BenchError as e:
@@ -78,13 +84,15 @@ def _main(cfg: DictConfig) -> str:
         from bench.leaderboard import build_leaderboard
 
         build_leaderboard(cfg.results_dir)
-        if rec["status"] == "error":
-            sys.exit(1)
+        code = {"ok": EXIT_OK, "missing": EXIT_MISSING}.get(rec["status"], EXIT_ERROR)
+        if code:
+            sys.exit(code)
     return rec["status"]
 
 
 if __name__ == "__main__":
     try:
+        bench_config.check_overrides(sys.argv[1:])
         main()
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)

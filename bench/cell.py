@@ -6,6 +6,7 @@ that says where it was expected, so a sweep goes on and nothing computed earlier
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from bench import BenchError, records
+from bench import config as bench_config
 from bench import profile as prof
 from bench.data import apply_class_name_overrides, build_dataset, load_class_names, spec_from_cfg
 from bench.metrics import SemSegEvaluator
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------- config
 def resolved_config(cfg: DictConfig) -> dict:
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     c.pop("hydra", None)
     return c
 
@@ -98,18 +100,25 @@ def dataset_absent(cfg: DictConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- profile
+def is_compiled(cfg: DictConfig) -> bool:
+    return cfg.compile != "eager"
+
+
 def profile_cache_path(cfg: DictConfig, device: torch.device) -> str:
     """Efficiency figures do not depend on the weights or the dataset: one cache entry per (model, protocol,
-    precision, device, threads, iterations, code version) serves every dataset of a sweep."""
-    warmup, iters = prof.default_iters(device, cfg.profile.warmup, cfg.profile.iters, bool(cfg.compile))
-    key = records.cell_key({"builder": cfg.model.builder, "kwargs": str(cfg.model.get("builder_kwargs")),
-                            "res": short_side(cfg), "precision": cfg.precision, "device": records.device_name(device),
-                            "threads": torch.get_num_threads(), "warmup": warmup, "iters": iters,
-                            "vocab": cfg.profile.vocabulary, "crop_batch": cfg.profile.crop_batch,
-                            "enabled": cfg.profile.enabled, "compile": cfg.compile,
-                            "throughput_batch": cfg.profile.throughput_batch, "repeat": cfg.get("repeat", 0),
-                            "git": records.git_sha()})
-    return os.path.join(cfg.results_dir, "cache", f"profile-{key}.json")
+    precision, compile, device, threads, profile settings, library versions) serves every dataset of a sweep.
+    The git sha is not part of it (a results folder inside the repository would make it '-dirty' mid-run)."""
+    import bench
+
+    model = records.key_inputs({"model": OmegaConf.to_container(cfg.model, resolve=True)})["model"]
+    for name in ("dataset_settings", "class_name_overrides", "settings_not_published", "checkpoint"):
+        model.pop(name, None)
+    blob = {"model": model, "res": short_side(cfg), "precision": cfg.precision, "compile": cfg.compile,
+            "device": records.device_name(device), "threads": torch.get_num_threads(),
+            "profile": OmegaConf.to_container(cfg.profile, resolve=True), "repeat": cfg.get("repeat", 0),
+            "seed": cfg.seed, "versions": [bench.__version__, torch.__version__]}
+    digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(cfg.results_dir, "cache", f"profile-{digest}.json")
 
 
 def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[dict, dict]:
@@ -119,11 +128,12 @@ def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[di
     figures["params_trainable_published"] = pc.get("trainable_published")
     timings: dict = {}
     if cfg.profile.enabled:
-        warmup, iters = prof.default_iters(device, cfg.profile.warmup, cfg.profile.iters, bool(cfg.compile))
+        warmup, iters = prof.default_iters(device, cfg.profile.warmup, cfg.profile.iters, is_compiled(cfg))
         names = load_class_names(cfg.profile.vocabulary)
         model.encode_vocabulary(names)
         measured, timings = prof.profile_model(model, short_side(cfg), device, cfg.precision, warmup, iters,
-                                               int(cfg.profile.crop_batch), cfg.compile, cfg.profile.throughput_batch)
+                                               int(cfg.profile.crop_batch), cfg.compile if is_compiled(cfg) else False,
+                                               cfg.profile.throughput_batch)
         figures.update(measured, profile_vocabulary_size=len(names),
                        peak_gflops=prof.matmul_peak_gflops(device, cfg.precision))
     records.atomic_write_json(profile_cache_path(cfg, device), {"figures": figures, "timings": timings})
@@ -359,6 +369,7 @@ def _finish_crop_figures(rec: dict, mean_crops: float | None) -> None:
 
 def run_cell(cfg: DictConfig) -> dict:
     """Run one cell (or skip it when its ok record exists) and write its record atomically."""
+    cfg = bench_config.plain(cfg)
     c = resolved_config(cfg)
     key = records.cell_key(c)
     path = records.record_path(cfg.results_dir, key)
@@ -407,6 +418,7 @@ def _visible_gpus() -> list[str]:
 
 def run_cell_isolated(cfg: DictConfig, job_num: int) -> dict:
     """Run the cell in a fresh child process; if it dies, write the error record it could not write."""
+    cfg = bench_config.plain(cfg)
     gpus = _visible_gpus() if cfg.device in ("auto", "cuda") else []
     gpu = gpus[job_num % len(gpus)] if gpus else None
     c = resolved_config(cfg)

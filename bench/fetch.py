@@ -512,6 +512,8 @@ def model_names() -> list[str]:
 def compose_configs(overrides: list[str], every_model: bool = False) -> list:
     """The resolved project config for each model asked for, composed as `python -m bench` would."""
     from hydra import compose, initialize_config_dir
+
+    import bench.config  # noqa: F401  (registers the typed schema)
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

@@ -2,7 +2,7 @@
 
 A record is a flat JSON dict (plus a `per_class` list) written to `results/runs/<key>.json` with a temp file and
 `os.replace`, so a killed process never leaves a half-written record, and concurrent writers never corrupt one.
-The key is a stable hash of the resolved config minus the keys that do not change the result.
+The key is a stable hash of the part of the resolved config that determines the result (bench.config).
 """
 from __future__ import annotations
 
@@ -19,21 +19,19 @@ import torch
 
 from bench import BenchError
 
-# Config keys that never change a cell's result (clarifications §17).
-NON_RESULT_KEYS = ("results_dir", "force", "progress", "hydra", "num_workers", "weights_dir", "data_root", "isolate",
-                   "text_cache",
-                   "allow_unsafe_pickle")
-
 STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"
 
 
-def key_inputs(cfg: dict) -> dict:
-    """The part of the resolved config that the key hashes (stored in the record)."""
-    return {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+def key_inputs(config: dict) -> dict:
+    """The part of a resolved config that the key hashes (stored in the record): `bench.config.result_part`."""
+    from bench.config import result_part
+
+    return result_part(config)
 
 
-def cell_key(cfg: dict) -> str:
-    blob = json.dumps(key_inputs(cfg), sort_keys=True, default=str, separators=(",", ":"))
+def cell_key(config: dict) -> str:
+    """Stable hash of the result-determining part of a resolved config (clarifications §17)."""
+    blob = json.dumps(key_inputs(config), sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import bench.config  # noqa: F401  (registers the typed schema)
+
 from bench.cell import run_cell
 from bench.leaderboard import build_leaderboard
 from bench.records import load_records

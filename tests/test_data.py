@@ -62,6 +62,8 @@ def test_dataset_configs(name):
 def test_hydra_composes_dataset_group():
     from hydra import compose, initialize_config_dir
 
+    import bench.config  # noqa: F401  (the typed schema conf/config.yaml starts from)
+
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         c = compose(config_name="config", overrides=["dataset=ade847"])

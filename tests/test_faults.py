@@ -36,7 +36,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.records import NON_RESULT_KEYS, load_records
+from bench.config import RUN_KEYS
+from bench.records import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -142,7 +143,7 @@ def test_kill9_sweep_keeps_finished_cells(tmp_path):
     records of every completed sweep equal those of an uninterrupted run (the calibration run)."""
     from bench.leaderboard import build_leaderboard
 
-    assert not {"resolution", "seed"} & set(NON_RESULT_KEYS)
+    assert not {"resolution", "seed"} & set(RUN_KEYS)
     rng = random.Random(20261124)
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -252,6 +253,8 @@ def test_kill9_sweep_keeps_finished_cells(tmp_path):
 _CELL_LOOP = textwrap.dedent("""
     import json, sys
     from hydra import compose, initialize_config_dir
+
+    import bench.config  # noqa: F401  (registers the typed schema)
     from bench.cell import run_cell
     conf, overrides = sys.argv[1], json.loads(sys.argv[2])
     with initialize_config_dir(config_dir=conf, version_base="1.3"):

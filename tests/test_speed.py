@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
+import bench.config  # noqa: F401  (registers the typed schema)
+
 from bench import speed
 from bench.models.clip import Transformer
 from bench.profile import count_flops

@@ -61,6 +61,7 @@ class DatasetSpec:
     void_reweight: bool = False
     generate: bool = False
     synth: Mapping[str, Any] = field(default_factory=dict)
+    order: int = 1000                      # position on the leaderboard
 
     @property
     def layouts(self) -> tuple[Layout, ...]:
