@@ -26,12 +26,12 @@ bench:
 	$(PY) -m bench model=san_b dataset=synthetic synthesize_weights=true $(ARGS)
 	$(PY) -m bench -m model=$(MODELS) dataset=$(DATASETS) $(ARGS)
 
-# The CPU speed benchmark (same runner, conf/bench_cpu.yaml): matmul peak, every model at 640x640 in fp32 / bf16 /
-# autocast bf16, scopes model and end_to_end, floor ratios, bf16 label agreement -> results/cpu_speed.csv and the
-# leaderboard's "CPU speed" section. About 45 minutes on 2 cores; CI runs only its smoke test (tests/test_speed.py).
+# The CPU speed benchmark: ordinary cells (conf/sweep/cpu_speed.yaml: every model x fp32 / bf16 / autocast bf16 at
+# 640x640, evaluation off, interleaved peak probes, bf16 agreement, gap tables), then SAN-B under torch.compile.
+# Records in results/runs/; the leaderboard's "Speed against the compute floor" section is built from them.
 bench-cpu:
-	$(PY) -m bench --config-name=bench_cpu $(ARGS)
-	$(PY) -m bench.leaderboard
+	$(PY) -m bench -m +sweep=cpu_speed $(ARGS)
+	$(PY) -m bench -m +sweep=cpu_speed model=san_b precision=fp32,bf16 compile=default $(ARGS)
 
 # The GPU speed grid (issue: speed): every model x 448/640/896 x fp32/bf16 x eager/CUDA graphs, batch-1 latency
 # (20 warm-up, 100 timed) and batch-8 throughput; its own leaderboard file.

@@ -63,11 +63,6 @@ def main(cfg: DictConfig) -> str:
 
 
 def _main(cfg: DictConfig) -> str:
-    if cfg.get("task", "cell") == "cpu_speed":  # `--config-name=bench_cpu`: the CPU speed benchmark, same runner
-        from bench.speed import run_cpu_speed
-
-        run_cpu_speed(cfg)
-        return "ok"
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
     if cfg.isolate:

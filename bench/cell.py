@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from bench import BenchError, records
 from bench import config as bench_config
+from bench import precision as precision_mod
 from bench import profile as prof
 from bench.data import apply_class_name_overrides, build_dataset, load_class_names, spec_from_cfg
 from bench.metrics import SemSegEvaluator
@@ -122,22 +123,130 @@ def profile_cache_path(cfg: DictConfig, device: torch.device) -> str:
 
 
 def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[dict, dict]:
-    """Params, and (if profile.enabled) FLOPs + latency at resolution x resolution; written to the cache."""
+    """Params, and (if profile.enabled) FLOPs + latency at resolution x resolution, plus what the profile settings
+    ask for (label agreement with fp32, an op-category gap table); written to the profile cache."""
     pc = cfg.model.params
     figures = prof.count_params(model, pc.trainable_prefixes or (), pc.text_prefixes or ())
     figures["params_trainable_published"] = pc.get("trainable_published")
     timings: dict = {}
     if cfg.profile.enabled:
-        warmup, iters = prof.default_iters(device, cfg.profile.warmup, cfg.profile.iters, is_compiled(cfg))
-        names = load_class_names(cfg.profile.vocabulary)
-        model.encode_vocabulary(names)
-        measured, timings = prof.profile_model(model, short_side(cfg), device, cfg.precision, warmup, iters,
-                                               int(cfg.profile.crop_batch), cfg.compile if is_compiled(cfg) else False,
-                                               cfg.profile.throughput_batch)
-        figures.update(measured, profile_vocabulary_size=len(names),
-                       peak_gflops=prof.matmul_peak_gflops(device, cfg.precision))
+        p = cfg.profile
+        compiled = is_compiled(cfg)
+        warmup, iters = prof.default_iters(device, p.warmup, p.iters, compiled)
+        figures["allocator"] = prof.configure_allocator(p.allocator)
+        figures["profile_weights"] = profile_weights(cfg, model)
+        if p.channels_last:
+            model.to(memory_format=torch.channels_last)
+        names = load_class_names(p.vocabulary)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.encode_vocabulary(names)
+        figures["text_encode_s"] = time.perf_counter() - t0
+        image = benchmark_image(p.image, short_side(cfg))
+        measured, timings = prof.profile_model(
+            model, short_side(cfg), device, cfg.precision, warmup, iters, int(p.crop_batch), cfg.compile,
+            p.throughput_batch, bool(p.interleave_peak), int(p.peak_size), image, bool(p.compile_freezing),
+            progress=f"{cfg.model.name} {cfg.precision}" if cfg.progress else None)
+        figures.update(measured, profile_vocabulary_size=len(names), cpu_flags=" ".join(cpu_flags()))
+        if figures.get("has_crops") or p.agreement:
+            figures.update(benchmark_image_figures(cfg, model, device, image, names))
+        if p.gap_table:
+            figures["gap_table_text"] = gap_table_text(cfg, model, image, figures)
     records.atomic_write_json(profile_cache_path(cfg, device), {"figures": figures, "timings": timings})
     return figures, timings
+
+
+def benchmark_image(path: str | None, resolution: int) -> np.ndarray:
+    if path is None:
+        return prof.deterministic_image(resolution)
+    try:
+        image = np.load(path)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"profile.image={path}: cannot read it as a .npy array ({e}); give an HxWx3 uint8 .npy") \
+            from None
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise BenchError(f"profile.image={path}: {image.dtype} {image.shape}; need an HxWx3 uint8 array")
+    return image
+
+
+def profile_weights(cfg: DictConfig, model) -> str:
+    """The weights profiling runs on: the seeded builder init, or the model's golden fill (non-flat scores, as in
+    the golden fixtures: label agreement and crop counts then mean something)."""
+    if cfg.profile.weights != "golden":
+        return "builder init (seeded random)"
+    from bench.testing import fills
+
+    return fills.fill_model(model, cfg.model.get("golden_fill"))
+
+
+def benchmark_image_figures(cfg: DictConfig, model, device: torch.device, image: np.ndarray,
+                            names: list[str]) -> dict:
+    """On the benchmark image: the crop count of crop models with these weights, and for a reduced precision the
+    label agreement with the same model in fp32 (the cell's own dataset settings, same weights)."""
+    with prof.precision_context(cfg.precision, device):
+        scores, crops, masks = prof.full_scores(model, image)
+    out: dict = {"crops_on_benchmark_image": crops}
+    if not (cfg.profile.agreement and precision_mod.is_reduced(cfg.precision)):
+        return out
+    reference = build_model(cfg, device, dtype=torch.float32)
+    profile_weights(cfg, reference)
+    reference.configure(**dataset_settings(cfg))
+    with torch.inference_mode():
+        reference.encode_vocabulary(names)
+    ref_scores, _, ref_masks = prof.full_scores(reference, image)
+    del reference
+    margin = float(cfg.profile.agreement_margin)
+    out.update(prof.label_agreement(ref_scores, scores, margin))
+    out["fp32_labels_distinct"] = int(ref_scores.argmax(dim=0).unique().numel())
+    if masks is not None and ref_masks is not None and masks.shape == ref_masks.shape:
+        m = prof.label_agreement(ref_masks, masks, margin)
+        out.update(mask_agreement=m["label_agreement"], mask_margin_pixel_fraction=m["margin_pixel_fraction"])
+    return out
+
+
+def gap_table_text(cfg: DictConfig, model, image: np.ndarray, figures: dict) -> str:
+    """The op-category table of end_to_end (crop models: + the crops scaled to the crop count), eager."""
+    from bench import gaptable
+
+    crop_batch = int(cfg.profile.crop_batch)
+    fns = prof.scope_fns(model, image, crop_batch, phases=True)
+    crops = cfg.profile.crop_count or figures.get("crops_on_benchmark_image") or 0
+    parts = [(fns["end_to_end"], 1.0)] + ([(fns["crops"], crops / crop_batch)] if "crops" in fns else [])
+    with prof.precision_context(cfg.precision, torch.device("cpu")):
+        profile = gaptable.collect_profile(parts)
+    flops = {"total": figures["gflops_timed_end_to_end"] * 1e9,
+             "attention": figures.get("gflops_attention_end_to_end", 0.0) * 1e9}
+    median = figures["latency_ms_end_to_end_median"]
+    if "crops" in fns:
+        flops["total"] += crops * figures["gflops_timed_per_crop"] * 1e9
+        median += crops * figures["latency_ms_per_crop"]
+    title = (f"{cfg.model.get('display') or cfg.model.name}: end_to_end, {cfg.precision}, compile {cfg.compile}, "
+             f"input {figures['input_hw']}, {figures['threads']} threads, K = {figures.get('profile_vocabulary_size')}"
+             + (f", fixed part + {crops} crops" if "crops" in fns else ""))
+    extra = [f"load average (1 min) when timed: {figures['load1']:.2f} on {os.cpu_count()} logical CPUs; weights: "
+             f"{figures.get('profile_weights')}"]
+    return gaptable.gap_table(title, profile, flops, figures["peak_gflops"], median, extra)
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that matter for fp32 / bf16 GEMMs (from /proc/cpuinfo), in a fixed order."""
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+              "amx_bf16", "amx_int8", "amx_fp16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        have = set()
+    return [fl for fl in wanted if fl in have]
+
+
+def speed_targets(cfg: DictConfig) -> dict:
+    """The latency / floor limits (and minimum label agreement) the sweep set for this model and precision kind."""
+    mine = (cfg.profile.get("targets") or {}).get(cfg.model.name) or {}
+    kind = precision_mod.peak_kind(cfg.precision)
+    out = {f"speed_target_{scope}": mine.get(f"{kind}_{scope}") for scope in prof.SCOPES}
+    out["speed_target_agreement"] = mine.get(f"{kind}_agreement")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -258,6 +367,9 @@ def base_record(c: dict, key: str, device_name: str = "") -> dict:
             "resolution_is_protocol": c["resolution"] is None, "precision": c["precision"],
             "batch_size": c["batch_size"], "miou_formula": c["miou_formula"], "repeat": c.get("repeat", 0),
             "pipeline_check": bool(c["synthesize_weights"] or d.get("generate", False)),
+            "evaluated": bool(c.get("evaluate", True)), "compile": c.get("compile", "eager"),
+            "published": m.get("published") or {}, "model_order": m.get("order", 1000),
+            "dataset_order": d.get("order", 1000), "allow_unsafe_pickle": bool(c.get("allow_unsafe_pickle")),
             "config": records.key_inputs(c)}
 
 
@@ -281,25 +393,28 @@ def _run(cfg: DictConfig, rec: dict) -> dict:
     rec["dataset_settings"] = json.dumps(settings, sort_keys=True)
     if cfg.dataset.name in (cfg.model.get("settings_not_published") or []):
         rec["note"] = "settings not published (PAS-20's used)"
-    absent = absent_inputs(cfg)
+    rec.update(speed_targets(cfg))
+    absent = absent_inputs(cfg) if cfg.evaluate else []
     cached = records.read_record(profile_cache_path(cfg, device))
     if absent and cached is not None:  # nothing to evaluate and the efficiency figures are known: no model build
         rec.update(cached["figures"])
         rec["status"], rec["reason"] = records.STATUS_MISSING, "; ".join(absent)
-        _finish_crop_figures(rec, None)
+        _finish_crop_figures(cfg, rec, None)
         return {}
 
     model = build_model(cfg, device)
     model.configure(**settings)
+    rec["applied_settings"] = json.dumps({k: getattr(model, k) for k in settings}, sort_keys=True, default=str)
     figures, timings = {}, {}
     if cached is not None:
         figures = cached["figures"]
     elif is_rank_zero():  # under torchrun only rank 0 measures (and writes) the efficiency figures
         figures, timings = efficiency_figures(cfg, model, device)
     rec.update(figures)
-    if absent:
-        rec["status"], rec["reason"] = records.STATUS_MISSING, "; ".join(absent)
-        _finish_crop_figures(rec, None)
+    if absent or not cfg.evaluate:
+        rec["status"], rec["reason"] = (records.STATUS_MISSING, "; ".join(absent)) if absent else \
+            (records.STATUS_OK, "")
+        _finish_crop_figures(cfg, rec, None)
         return timings
 
     if cfg.synthesize_weights:
@@ -325,7 +440,7 @@ def _run(cfg: DictConfig, rec: dict) -> dict:
     rec["images_evaluated"] = metrics.pop("images", None) or rec["dataset_images"]
     rec["per_class"] = per_class_rows(metrics, dataset.class_names)
     rec.update(metrics)
-    _finish_crop_figures(rec, mean_crops)
+    _finish_crop_figures(cfg, rec, mean_crops)
     rec["status"] = records.STATUS_OK
     return timings
 
@@ -358,10 +473,15 @@ def per_class_rows(metrics: dict, class_names: list[str]) -> list[dict]:
     return rows
 
 
-def _finish_crop_figures(rec: dict, mean_crops: float | None) -> None:
-    """Crop models: totals at the measured mean crop count; then every model: the compute floor."""
+def _finish_crop_figures(cfg: DictConfig, rec: dict, mean_crops: float | None) -> None:
+    """Crop models: totals at the evaluated mean crop count, else `profile.crop_count`, else (efficiency-only
+    cells) the crop count on the benchmark image, else all 100 queries; then every model: the compute floor."""
     if rec.get("has_crops"):
-        rec.update(prof.with_crop_count(rec, mean_crops))
+        n = mean_crops
+        if n is None:
+            n = cfg.profile.crop_count if cfg.profile.crop_count is not None else \
+                None if cfg.evaluate else rec.get("crops_on_benchmark_image")
+        rec.update(prof.with_crop_count(rec, n))
         rec["mean_crops"] = mean_crops
     if rec.get("peak_gflops"):
         rec.update(prof.add_floor(rec, rec["peak_gflops"]))
@@ -390,9 +510,13 @@ def run_cell(cfg: DictConfig) -> dict:
         rec["traceback"] = traceback.format_exc(limit=8)
     if not is_rank_zero():
         return rec  # torchrun: only rank 0 writes the (identical) record
-    records.atomic_write_json(path, rec)
+    gap_text = rec.pop("gap_table_text", None)
+    if gap_text:
+        rec["gap_table"] = f"{key}.gap.txt"
+        records.atomic_write_text(os.path.join(os.path.dirname(path), rec["gap_table"]), gap_text)
     if timings:
         records.atomic_write_json(path[:-len(".json")] + ".timings.json", timings)
+    records.atomic_write_json(path, rec)   # last: an ok record means everything beside it is written
     print(summary_line(rec))
     return rec
 
@@ -402,6 +526,8 @@ def summary_line(rec: dict) -> str:
     eff = ""
     if "gflops_model" in rec:
         eff = f" | {rec['gflops_model'] / 2:.1f} GMACs, {rec.get('latency_ms_model_median', math.nan):.0f} ms"
+    if rec["status"] == records.STATUS_OK and not rec.get("evaluated", True):
+        return f"{head}: efficiency only{eff}"
     if rec["status"] == records.STATUS_OK:
         tag = " (pipeline check)" if rec.get("pipeline_check") else ""
         return f"{head}: mIoU {rec.get('mIoU', math.nan):.2f}{tag}{eff}"

@@ -65,6 +65,7 @@ class ModelConfig:
     display: Optional[str] = run_field()
     order: int = run_field(1000)            # position on the leaderboard
     published: Dict[str, Any] = run_field(factory=dict)
+    golden_fill: Optional[str] = run_field()  # bench.testing.fills family used by profile.weights=golden
 
 
 @dataclass
@@ -107,7 +108,7 @@ class ProfileConfig:
     allocator: str = "default"               # default | heap (glibc keeps freed memory: no page faults)
     channels_last: bool = False              # NHWC convolution weights
     compile_freezing: bool = True            # inductor freezing with compile (weights as constants)
-    targets: Dict[str, float] = field(default_factory=dict)   # latency/floor limits written into the record
+    targets: Dict[str, Any] = run_field(factory=dict)   # {model: {fp32_model: 1.15, bf16_agreement: 0.99, ...}}
 
 
 # ---------------------------------------------------------------------------------------------------- the cell
@@ -132,8 +133,6 @@ class CellSettings:
     shift_seed: int = 0
     repeat: int = 0                          # repeat index: the same cell again as its own record
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    task: str = "cell"                       # cell | cpu_speed (conf/bench_cpu.yaml; being folded into cells)
-    cpu_speed: Optional[Dict[str, Any]] = None
 
 
 @dataclass

@@ -61,9 +61,9 @@ def test_crop_totals():
 
 
 def test_compute_floor_from_measured_peak():
-    from bench.profile import add_floor, matmul_peak_gflops
+    from bench.profile import add_floor, measure_peak
 
-    peak = matmul_peak_gflops(torch.device("cpu"), "fp32", n=256, warmup=1, reps=3)
+    peak = measure_peak(torch.device("cpu"), "fp32", n=256, warmup=1, reps=3)
     assert peak > 0.1
     out = add_floor({"gflops_model": 10.0, "latency_ms_model_median": 200.0}, 100.0)
     assert out["floor_ms_model"] == 100.0 and out["latency_over_floor_model"] == 2.0

@@ -1,10 +1,14 @@
-"""CPU speed benchmark (bench/speed.py): a smoke run on a tiny SAN (same code path, small widths), the CSV it
-writes, the floor arithmetic, the FLOP split, and the label-agreement rule on hand-made score maps. Fast."""
+"""The CPU speed benchmark as ordinary cells (`+sweep=cpu_speed`): a sweep on the tiny SAN (same code path, small
+widths) writes ordinary records with the speed figures, gap tables beside them and the targets; the dataset
+settings of SCAN reach the model; the FLOP split, the label-agreement rule, the op categories, SAN's CPU fast paths
+and the crop-model arithmetic on hand-made numbers. Fast."""
 from __future__ import annotations
 
-import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,95 +17,103 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 import bench.config  # noqa: F401  (registers the typed schema)
-
-from bench import speed
+from bench import gaptable
+from bench import profile as prof
 from bench.models.clip import Transformer
 from bench.profile import count_flops
+from bench.records import load_records
 
+ROOT = Path(__file__).resolve().parent.parent
+CONF = str(ROOT / "conf")
+SEARCHPATH = f"hydra.searchpath=[file://{ROOT / 'tests' / 'fixtures' / 'conf'}]"
 VOCAB = ["cat", "dog", "tree", "sky", "road"]
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
 TINY = dict(clip_width=64, clip_layers=4, clip_heads=4, clip_image_size=64, embed_dim=32, text_width=32,
             text_layers=2, text_heads=2, feature_last_layer=3, fusion_map=((0, 0), (1, 1), (2, 2), (3, 3)),
             side_width=48, side_depth=4, side_heads=2, decoder_channels=16)
 
 
-def _cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="bench_cpu", overrides=[
-            f"results_dir={tmp_path}", "cpu_speed.resolution=64", "cpu_speed.warmup=0", "cpu_speed.iters=2",
-            "cpu_speed.peak.size=256", "cpu_speed.peak.warmup=1", "cpu_speed.peak.iters=3",
-            "cpu_speed.profile_tables=missed", "cpu_speed.allocator=default",
-            "cpu_speed.compile=[false]", *overrides])   # the compile axis takes minutes: never in the smoke test
-
-
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def speed_sweep(tmp_path_factory):
+    """`python -m bench -m +sweep=cpu_speed` on the tiny SAN, fp32 and bf16, with targets no tiny model meets."""
     tmp = tmp_path_factory.mktemp("cpu_speed")
     (tmp / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    tiny = {"name": "san_b", "display": "SAN tiny", "builder": "san_vit_b_16", "builder_kwargs": TINY}
-    cfg = _cfg(tmp, "+cpu_speed.models=[]", "cpu_speed.precisions=[fp32,bf16,amp_bf16]",
-               f"cpu_speed.vocabulary={tmp / 'vocab.txt'}", "cpu_speed.image=null")
-    cfg.cpu_speed.models = [tiny, {"name": "no_such_model", "builder": "no_such_builder"}]
-    cfg.cpu_speed.weights = None   # the golden fill is for the full-size model
-    # targets no tiny model can meet: exercises the profile table written on a miss
-    cfg.cpu_speed.targets = {"san_b": {"fp32_model": 1e-6, "fp32_end_to_end": 1e-6, "bf16_end_to_end": 1e-6,
-                                       "bf16_agreement": 0.99}}
-    rows = speed.run_cpu_speed(cfg)
-    return tmp, rows
+    cmd = [sys.executable, "-m", "bench", "-m", "+sweep=cpu_speed", SEARCHPATH, "model=san_tiny", "precision=fp32,bf16",
+           "resolution=64", "profile.warmup=0", "profile.iters=2", "profile.peak_size=256", "profile.weights=init",
+           "profile.allocator=default", f"profile.vocabulary={tmp / 'vocab.txt'}",
+           "+profile.targets.san_tiny={fp32_model: 1e-6, fp32_end_to_end: 1e-6, bf16_end_to_end: 1e-6, "
+           "bf16_agreement: 0.99}", f"results_dir={tmp / 'results'}", f"data_root={tmp / 'data'}",
+           f"hydra.sweep.dir={tmp / 'sweep'}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return tmp, {r["precision"]: r for r in load_records(str(tmp / "results"))}, out.stdout
 
 
-def test_rows_and_csv(smoke):
-    tmp, rows = smoke
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert {(r["precision"], r["scope"]) for r in ok} == {(p, s) for p in ("fp32", "bf16", "amp_bf16")
-                                                           for s in ("model", "end_to_end")}
-    skipped = [r for r in rows if r["status"] == "skipped"]
-    assert len(skipped) == 1 and "no_such_builder" in skipped[0]["reason"]
-    with open(tmp / "cpu_speed.csv") as f:
-        table = list(csv.DictReader(f))
-    assert list(table[0]) == speed.CSV_COLUMNS and len(table) == len(rows)
-    for r in (r for r in table if r["status"] == "ok"):
-        assert r["threads"] == "2" and r["resolution"] == "64" and r["input_hw"] == "64x64"
-        assert float(r["median_ms"]) > 0 and float(r["p90_ms"]) >= float(r["median_ms"]) * 0.999
-        assert float(r["gflops"]) > 0 and float(r["gflops_attention"]) > 0
-        assert r["cpu_model"] and r["torch_version"] == torch.__version__
-        # floor = GFLOPs / peak of the row's dtype; latency / floor follows
-        assert math.isclose(float(r["floor_ms"]), float(r["gflops"]) / float(r["peak_gflops"]) * 1e3, rel_tol=1e-4)
-        assert math.isclose(float(r["latency_over_floor"]), float(r["median_ms"]) / float(r["floor_ms"]),
-                            rel_tol=1e-4)
-        assert r["peak_dtype"] == ("fp32" if r["precision"] == "fp32" else "bf16")
-        assert float(r["min_ms"]) <= float(r["median_ms"]) and float(r["latency_over_floor_best"]) > 0
-        assert int(r["fp32_labels_distinct"]) >= 1
-        if r["precision"] != "fp32":
-            assert 0 <= float(r["label_agreement"]) <= 1 and float(r["max_abs_score_diff"]) >= 0
-            assert 0 <= float(r["mask_agreement"]) <= 1
-    # end_to_end adds the full-resolution per-class scores: 2 * Q * K * H * W FLOPs more than the model scope
-    fp32 = {r["scope"]: float(r["gflops"]) for r in ok if r["precision"] == "fp32"}
-    assert fp32["end_to_end"] - fp32["model"] == pytest.approx(2 * 100 * len(VOCAB) * 64 * 64 / 1e9, rel=1e-6)
-    timings = json.loads((tmp / "cpu_speed.timings.json").read_text())
-    assert set(timings["peak"]) == {"fp32", "bf16"} and timings["machine"]["threads"] == 2
-    assert len(timings["models"]["san_b"]["runs"]["fp32"]["model"]["ms"]) == 2
-    assert "## CPU speed" in (tmp / "cpu_speed.md").read_text()
+def test_speed_cells_are_ordinary_records(speed_sweep):
+    tmp, recs, _ = speed_sweep
+    assert set(recs) == {"fp32", "bf16"}
+    for precision, r in recs.items():
+        assert r["status"] == "ok" and r["evaluated"] is False and "mIoU" not in r
+        assert r["threads"] == 2 and r["device_type"] == "cpu" and r["input_hw"] == "64x64"
+        assert r["peak_kind"] == ("fp32" if precision == "fp32" else "bf16") and r["load1"] >= 0
+        assert r["profile_vocabulary_size"] == len(VOCAB)
+        for scope in prof.SCOPES:
+            assert r[f"latency_ms_{scope}_median"] > 0 and r[f"latency_ms_{scope}_min"] <= r[
+                f"latency_ms_{scope}_median"]
+            # floor = timed GFLOPs / the cell's own peak; the ratios follow from it
+            assert math.isclose(r[f"floor_ms_{scope}"], r[f"gflops_timed_{scope}"] / r["peak_gflops"] * 1e3,
+                                rel_tol=1e-9)
+            assert math.isclose(r[f"latency_over_floor_{scope}"],
+                                r[f"latency_ms_{scope}_median"] / r[f"floor_ms_{scope}"], rel_tol=1e-9)
+            assert r[f"latency_over_floor_interleaved_{scope}"] > 0 and r[f"latency_over_floor_best_{scope}"] > 0
+            assert r[f"gflops_{scope}"] > 0 and r[f"gflops_timed_{scope}"] > 0
+        assert r["peak_drift"] >= 0 and r["peak_gflops_interleaved"] > 0
+        # end_to_end adds the per-class scores at the image size: 2 * Q * K * H * W FLOPs more than the model scope
+        assert r["gflops_end_to_end"] - r["gflops_model"] == pytest.approx(2 * 100 * len(VOCAB) * 64 * 64 / 1e9,
+                                                                             rel=1e-6)
+        table = (tmp / "results" / "runs" / r["gap_table"]).read_text()
+        assert all(cat in table for cat in gaptable.CATEGORIES) and "phases of end_to_end" in table
+        timings = json.loads((tmp / "results" / "runs" / f"{r['key']}.timings.json").read_text())
+        assert len(timings["model"]) == 2
+    bf16 = recs["bf16"]
+    assert 0 <= bf16["label_agreement"] <= 1 and bf16["fp32_labels_distinct"] >= 1
+    assert 0 <= bf16["mask_agreement"] <= 1 and bf16["max_abs_score_diff"] >= 0
+    assert "label_agreement" not in recs["fp32"]
+    assert recs["fp32"]["speed_target_model"] == 1e-6 and recs["bf16"]["speed_target_agreement"] == 0.99
+    assert "speed_target_model" not in bf16
 
 
-def test_targets_and_gap_table(smoke):
-    tmp, rows = smoke
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert all(r["target_met"] is False for r in ok if r["target"])
-    judged = [r for r in ok if r["target"] and r["precision"] != "fp32"]
-    assert len(judged) == 1 and judged[0]["scope"] == "end_to_end"   # only the faster bf16 variant
-    table = (tmp / "cpu_speed_profile_san_b_fp32.txt").read_text()
-    for cat in speed.CATEGORIES:
-        assert cat in table
-    assert "MISSED" in table and "phases of end_to_end" in table
+def test_speed_cells_print_progress_and_are_skipped_when_done(speed_sweep):
+    tmp, recs, stdout = speed_sweep
+    assert "[profile] san_tiny fp32: counting FLOPs" in stdout
+    assert "efficiency only" in stdout
+
+
+def test_cpu_benchmark_applies_scan_dataset_settings(tmp_path):
+    """SCAN's void re-weighting (a dataset flag, A-847) and the contextual-shift seed (a run setting) reach the model
+    in a speed cell, as in an evaluation cell (they were dropped by the old separate benchmark)."""
+    from bench.cell import run_cell
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["+sweep=cpu_speed", "model=scan_b", "dataset=ade847", "shift_seed=7",
+                                           "profile.enabled=false", "isolate=false", "progress=false",
+                                           f"results_dir={tmp_path}"])
+    rec = run_cell(cfg)
+    assert rec["status"] == "ok", rec.get("reason")
+    applied = json.loads(rec["applied_settings"])
+    assert applied["void_reweight"] is True and applied["shift_seed"] == 7
+    assert applied["mask_thr"] == 0.25 and applied["ensemble_weight"] == 0.75   # conf/model/scan_b.yaml, ade847
 
 
 def test_flop_split_matches_math_backend():
     """The CPU flash kernel gets a formula: the total equals what the math backend counts, attention kept apart."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     model = Transformer(64, 2, 4).eval()
     x = torch.randn(1, 50, 64)
-    split = speed.count_flops_split(lambda: model(x))
-    assert split["total"] == count_flops(lambda: model(x))
+    split = prof.count_flops_split(lambda: model(x))
+    with sdpa_kernel(SDPBackend.MATH):
+        math_total = prof.count_flops_split(lambda: model(x))["total"]
+    assert split["total"] == math_total
     assert split["attention"] == 2 * 2 * 2 * 50 * 50 * 64
 
 
@@ -112,25 +124,25 @@ def test_label_agreement_on_hand_made_scores():
     other = ref.clone()
     other[1, 0, 0] = 1.5              # flips the near tie (excluded from the margin mask)
     other[2, 1, 3] = 2.0              # flips a clear pixel
-    a = speed.label_agreement(ref, other)
+    a = prof.label_agreement(ref, other)
     assert a["margin_pixel_fraction"] == pytest.approx(7 / 8)
     assert a["label_agreement"] == pytest.approx(6 / 7)
     assert a["label_agreement_all"] == pytest.approx(6 / 8)
     assert a["max_abs_score_diff"] == pytest.approx(2.0)
     assert a["max_abs_score_diff_rel"] == pytest.approx(2.0)
-    same = speed.label_agreement(ref, ref.to(torch.bfloat16))
+    same = prof.label_agreement(ref, ref.to(torch.bfloat16))
     assert same["label_agreement"] == 1.0
 
 
 def test_op_categories():
-    assert speed.op_category("aten::addmm") == "GEMM"
-    assert speed.op_category("aten::mkldnn_convolution") == "GEMM"
-    assert speed.op_category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
-    assert speed.op_category("aten::native_layer_norm") == "norm/activation/elementwise"
-    assert speed.op_category("aten::upsample_bilinear2d") == "resize/pad/post-processing"
-    assert speed.op_category("aten::argmax") == "resize/pad/post-processing"
-    assert speed.op_category("aten::mul") == "norm/activation/elementwise"
-    assert speed.op_category("aten::max_pool2d") == "resize/pad/post-processing"
+    assert gaptable.op_category("aten::addmm") == "GEMM"
+    assert gaptable.op_category("aten::mkldnn_convolution") == "GEMM"
+    assert gaptable.op_category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert gaptable.op_category("aten::native_layer_norm") == "norm/activation/elementwise"
+    assert gaptable.op_category("aten::upsample_bilinear2d") == "resize/pad/post-processing"
+    assert gaptable.op_category("aten::argmax") == "resize/pad/post-processing"
+    assert gaptable.op_category("aten::mul") == "norm/activation/elementwise"
+    assert gaptable.op_category("aten::max_pool2d") == "resize/pad/post-processing"
 
 
 # -- SAN's CPU fast paths, on the tiny SAN (same code, small widths) ------------------------------------------------
@@ -204,21 +216,26 @@ def test_postprocess_flops_are_counted(tiny_san):
 
 
 def test_crop_model_figures_scale_one_batch():
-    """Crop models: fixed part + crops / crop_batch x one batch; floor = GFLOPs / peak; interleaved ratio uses the
-    probe before each iteration; best = fastest iterations at the fastest matmul."""
-    runs = {"model": {"ms": [100.0, 120.0, 110.0], "peak_probe_gflops": [100.0, 50.0, 100.0]},
-            "crops": {"ms": [40.0, 40.0, 80.0], "peak_probe_gflops": [100.0, 100.0, 50.0]}}
-    flops = {"model": {"total": 10e9, "attention": 2e9}, "crops": {"total": 4e9, "attention": 1e9}}
-    peak = {"gflops": 100.0, "gflops_best": 125.0}
-    f = speed._figures(runs, "model", flops, peak, crops=20, crop_batch=8)
-    scale = 20 / 8
-    assert f["gflops"] == pytest.approx(10 + scale * 4) and f["gflops_attention"] == pytest.approx(2 + scale * 1)
-    assert f["median_ms"] == pytest.approx(110 + scale * 40) and f["per_crop_ms"] == pytest.approx(40 / 8)
-    assert f["floor_ms"] == pytest.approx(f["gflops"] / 100 * 1e3)
-    assert f["latency_over_floor"] == pytest.approx(f["median_ms"] / f["floor_ms"])
-    # work at the moment's speed: median(ms x GFLOP/s) per part = 10000 (fixed) and 4000 (crops)
-    assert f["latency_over_floor_interleaved"] == pytest.approx((10000 + scale * 4000) / (f["gflops"] * 1e3))
-    assert f["min_ms"] == pytest.approx(100 + scale * 40)
-    assert f["latency_over_floor_best"] == pytest.approx(f["min_ms"] / (f["gflops"] / 125 * 1e3))
-    plain = speed._figures({"model": runs["model"]}, "model", flops, peak, crops=None, crop_batch=None)
-    assert plain["gflops"] == 10 and plain["median_ms"] == 110 and "per_crop_ms" not in plain
+    """Crop models: fixed part + crops x per crop (one batch of crop_batch measured); floor = timed GFLOPs / peak;
+    the interleaved ratio uses the probe before each iteration; best = fastest iterations at the fastest matmul."""
+    times = {"model": [100.0, 120.0, 110.0], "end_to_end": [100.0, 120.0, 110.0], "crops": [40.0, 40.0, 80.0]}
+    peaks = {"model": [100.0, 50.0, 100.0], "end_to_end": [100.0, 50.0, 100.0], "crops": [100.0, 100.0, 50.0]}
+    flops = {"model": 10.0, "end_to_end": 10.0, "crops": 4.0}
+    fig = prof.scope_figures(times, peaks, flops, crop_batch=8)
+    for scope in prof.SCOPES:
+        fig[f"gflops_timed_{scope}"] = fig[f"gflops_{scope}"]
+        for name, fixed in prof.FIXED_PART.items():
+            if name.format(scope) in fig:
+                fig[fixed.format(scope)] = fig[name.format(scope)]
+    fig.update(has_crops=True, gflops_timed_per_crop=fig["gflops_per_crop"], peak_gflops_best=125.0)
+    f = prof.add_floor(prof.with_crop_count(fig, 20), 100.0)
+    assert f["gflops_model"] == pytest.approx(10 + 20 * 4 / 8)
+    assert f["latency_ms_model_median"] == pytest.approx(110 + 20 * 40 / 8) and f["latency_ms_per_crop"] == 5.0
+    assert f["floor_ms_model"] == pytest.approx(f["gflops_timed_model"] / 100 * 1e3)
+    assert f["latency_over_floor_model"] == pytest.approx(f["latency_ms_model_median"] / f["floor_ms_model"])
+    # work at the moment's speed: median(ms x GFLOP/s) per part = 10000 (fixed) and 4000 per batch of 8 crops
+    assert f["latency_over_floor_interleaved_model"] == pytest.approx((10000 + 20 * 4000 / 8)
+                                                                      / (f["gflops_timed_model"] * 1e3))
+    assert f["latency_ms_model_min"] == pytest.approx(100 + 20 * 40 / 8)
+    assert f["latency_over_floor_best_model"] == pytest.approx(f["latency_ms_model_min"]
+                                                               / (f["gflops_timed_model"] / 125 * 1e3))
