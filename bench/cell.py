@@ -300,7 +300,8 @@ def _run(cfg: DictConfig, rec: dict) -> dict:
         ck = cfg.model.checkpoint
         ckpt = os.path.join(cfg.weights_dir, ck.file)
         report = load_checkpoint(model, ckpt, tuple(ck.ignore_prefixes or ()), tuple(ck.optional_keys or ()),
-                                 allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
+                                 allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle),
+                                 expected_size=ck.get("size"), expected_sha256=ck.get("sha256"))
         model.to(device=device, dtype=prof.model_dtype(cfg.precision))
         rec.update(checkpoint=ckpt, checkpoint_sha256=report.sha256, ignored_keys=len(report.ignored_keys),
                    load_note=report.note())
@@ -330,7 +331,8 @@ def fp32_reference(cfg: DictConfig, model, device: torch.device):
     if not cfg.synthesize_weights:
         ck = cfg.model.checkpoint
         load_checkpoint(reference, os.path.join(cfg.weights_dir, ck.file), tuple(ck.ignore_prefixes or ()),
-                        tuple(ck.optional_keys or ()), allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
+                        tuple(ck.optional_keys or ()), allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle),
+                        expected_size=ck.get("size"), expected_sha256=ck.get("sha256"))
     reference.configure(**dataset_settings(cfg))
     reference.encode_vocabulary(vocabulary(cfg))
     return reference

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import pickle
 import shutil
 import socket
 import sys
@@ -369,14 +368,14 @@ def fetch_checkpoint(checkpoint: Mapping, weights_dir: str = "weights", *, build
             raise BenchError(f"cannot build model {builder!r} to check the key layout of {file} ({e}); the "
                              f"download stays at {path}: rerun when the builder exists, or pass check_layout=false"
                              ) from e
-        from bench.models.checkpoint import load_state_dict_strict, read_state_dict
+        from bench.models.checkpoint import PickleRefused, load_state_dict_strict, read_state_dict
 
         try:
             sd = read_state_dict(path, allow_unsafe_pickle)
             report = load_state_dict_strict(model, sd, file, tuple(checkpoint.get("ignore_prefixes") or ()),
                                             tuple(checkpoint.get("optional_keys") or ()))
         except BenchError as e:
-            refused = isinstance(e.__cause__, pickle.UnpicklingError) and not allow_unsafe_pickle
+            refused = isinstance(e, PickleRefused)
             if hash_known and not refused:
                 raise BenchError(f"{file} from {origin} matches the expected sha256 but fails the strict load into "
                                  f"{builder}: {e}; the model code does not fit the published file (kept {path})"

@@ -84,7 +84,7 @@ def test_bad_checkpoints_fail_the_cell_with_one_line(tmp_path, san_checkpoint, d
         torch.save({"model": sd}, weights / "san_vit_b_16.pth")
     rec = run_cell(make_cfg(tmp_path))
     assert rec["status"] == "error" and "\n" not in rec["reason"]
-    expected = {"truncated": "truncated or not a torch checkpoint", "other_model": "does not match",
+    expected = {"truncated": "is truncated or corrupt", "other_model": "does not match",
                 "nan": "non-finite outputs"}[damage]
     assert expected in rec["reason"]
 
