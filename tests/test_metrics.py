@@ -397,5 +397,5 @@ def test_boundary_iou_lands_in_the_cells_per_class_rows():
     rows = per_class_rows(metrics, ev.class_names)
     assert [r["BoundaryIoU"] for r in rows] == pytest.approx([50.0, 50.0, 80.0])
     assert rows[2]["min(IoU, B-Iou)"] == pytest.approx(75.0)
-    assert not any(k.startswith(("BoundaryIoU-", "min(IoU, B-Iou)-")) for k in metrics)   # popped
-    assert metrics["BoundaryIoU"] == pytest.approx(60.0) and "boundary_iou" in metrics     # means stay for runs.csv
+    assert not any(k.startswith(("BoundaryIoU-", "min(IoU, B-Iou)-")) for k in metrics)  # popped
+    assert metrics["BoundaryIoU"] == pytest.approx(60.0) and "boundary_iou" in metrics    # means stay: runs.csv
