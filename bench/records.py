@@ -6,8 +6,10 @@ The key is a stable hash of the resolved config minus the keys that do not chang
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -15,7 +17,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
@@ -107,6 +109,63 @@ def atomic_write(path: str, content: bytes | str | Callable[[BinaryIO], None], s
 def atomic_write_json(path: str, obj: Any, setting: str = "results_dir") -> None:
     """`obj` as indented JSON (NaN allowed), through `atomic_write`."""
     atomic_write(path, json.dumps(obj, indent=1, default=_json_default, allow_nan=True), setting)
+
+
+def lock_path(results_dir: str, key: str) -> str:
+    return os.path.join(runs_dir(results_dir), f"{key}.lock")
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+@contextlib.contextmanager
+def cell_lock(results_dir: str, key: str) -> Iterator[str]:
+    """Hold `runs/<key>.lock` (an exclusive, non-blocking `flock`) while cell `key` is computed; yields its path.
+
+    Held elsewhere (another sweep, or a cell process whose sweep was killed): one-line BenchError naming the
+    holder's pid. The kernel drops a lock with its process, so a kill -9 never leaves the cell locked; the file
+    is removed only by its holder, while it still holds it (a lock taken on a file that was removed meanwhile is
+    retaken on the new one)."""
+    path = lock_path(results_dir, key)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e) from None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, _file_mode())
+        except OSError as e:
+            raise write_error(path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise BenchError(f"cell {key} is being computed by another process (pid {holder}); wait for it to "
+                             f"finish, or stop that process (lock {path})") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)                              # its holder removed it between our open and our lock: again
+    try:
+        with contextlib.suppress(OSError):      # the pid is for the message only (a full disk may refuse it)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        try:
+            os.unlink(path)                       # ours: we still hold it
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def _json_default(obj: Any) -> Any:
