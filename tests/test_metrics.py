@@ -399,3 +399,17 @@ def test_boundary_iou_lands_in_the_cells_per_class_rows():
     assert rows[2]["min(IoU, B-Iou)"] == pytest.approx(75.0)
     assert not any(k.startswith(("BoundaryIoU-", "min(IoU, B-Iou)-")) for k in metrics)  # popped
     assert metrics["BoundaryIoU"] == pytest.approx(60.0) and "boundary_iou" in metrics    # means stay: runs.csv
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_boundary_confusion_matches_cpu():
+    rng = np.random.default_rng(3)
+    cpu = SemSegEvaluator(150, IGN, None, boundary_iou="torch")
+    gpu = SemSegEvaluator(150, IGN, None, device="cuda")
+    assert gpu.boundary_backend == "torch"                       # auto on CUDA: no host copy for OpenCV
+    for _ in range(2):
+        p, g = _random_label_maps(rng, 640, 854, 150), _random_label_maps(rng, 640, 854, 150, 0.05)
+        cpu.process(p, g)
+        gpu.process(p, g)
+    assert torch.equal(gpu.boundary_confusion.cpu(), cpu.boundary_confusion)
