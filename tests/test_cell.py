@@ -101,6 +101,8 @@ def test_leaderboard_from_cells(tmp_path, san_checkpoint):
     assert len(runs) == 2 and runs["gflops_model"].dtype.kind == "f"
     per_class = pd.read_csv(tmp_path / "results" / "per_class.csv")
     assert len(per_class) == 8 and set(per_class.columns) >= {"class_name", "IoU", "ACC"}
+    assert {"BoundaryIoU", "min(IoU, B-Iou)"} <= set(per_class.columns) & set(runs.columns)   # detectron2's B-IoU
+    assert runs["boundary_iou"].dropna().str.contains("erosion, dilation_ratio 0.02").all()
 
 
 def _cli(*args, cwd=ROOT):
