@@ -320,6 +320,8 @@ def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str
 
         stats = torch.tensor([evaluator.images, sum(crops), len(crops)], dtype=torch.int64, device=device)
         dist.all_reduce(evaluator.confusion)
+        if evaluator.boundary_confusion is not None:
+            dist.all_reduce(evaluator.boundary_confusion)
         dist.all_reduce(stats)
         evaluator.images = int(stats[0])
         mean_crops = float(stats[1]) / float(stats[2]) if int(stats[2]) else None
@@ -423,7 +425,8 @@ def _run(cfg: DictConfig, rec: dict) -> dict:
         ck = cfg.model.checkpoint
         ckpt = os.path.join(cfg.weights_dir, ck.file)
         report = load_checkpoint(model, ckpt, tuple(ck.ignore_prefixes or ()), tuple(ck.optional_keys or ()),
-                                 allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
+                                 allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle),
+                                 expected_size=ck.get("size"), expected_sha256=ck.get("sha256"))
         model.to(device=device, dtype=prof.model_dtype(cfg.precision))
         rec.update(checkpoint=ckpt, checkpoint_sha256=report.sha256, ignored_keys=len(report.ignored_keys),
                    load_note=report.note())
@@ -453,22 +456,24 @@ def fp32_reference(cfg: DictConfig, model, device: torch.device):
     if not cfg.synthesize_weights:
         ck = cfg.model.checkpoint
         load_checkpoint(reference, os.path.join(cfg.weights_dir, ck.file), tuple(ck.ignore_prefixes or ()),
-                        tuple(ck.optional_keys or ()), allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
+                        tuple(ck.optional_keys or ()), allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle),
+                        expected_size=ck.get("size"), expected_sha256=ck.get("sha256"))
     reference.configure(**dataset_settings(cfg))
     reference.encode_vocabulary(vocabulary(cfg))
     return reference
 
 
 def per_class_rows(metrics: dict, class_names: list[str]) -> list[dict]:
-    """Pop the per-class entries (IoU-<name>, ACC-<name>, SG-IoU-<name>) into tidy rows."""
+    """Pop the per-class entries (IoU-, ACC-, SG-IoU-, BoundaryIoU-, min(IoU, B-Iou)-<name>) into tidy rows."""
     rows = []
     pred = metrics.pop("pred_pixels_per_class", [None] * len(class_names))
     gt = metrics.pop("gt_pixels_per_class", [None] * len(class_names))
     for i, name in enumerate(class_names):
         row = {"class_id": i, "class_name": name, "IoU": metrics.pop(f"IoU-{name}", math.nan),
                "ACC": metrics.pop(f"ACC-{name}", math.nan), "pred_pixels": pred[i], "gt_pixels": gt[i]}
-        if f"SG-IoU-{name}" in metrics:
-            row["SG-IoU"] = metrics.pop(f"SG-IoU-{name}")
+        for metric in ("SG-IoU", "BoundaryIoU", "min(IoU, B-Iou)"):
+            if f"{metric}-{name}" in metrics:
+                row[metric] = metrics.pop(f"{metric}-{name}")
         rows.append(row)
     return rows
 

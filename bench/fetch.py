@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import pickle
 import shutil
 import socket
 import sys
@@ -107,11 +106,10 @@ def record_sum(weights_dir: str, file: str, sha256: str) -> None:
     if sums.get(file) == sha256:
         return
     sums[file] = sha256
-    path = os.path.join(weights_dir, SUMS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(f"{h}  {name}\n" for name, h in sorted(sums.items()))
-    os.replace(tmp, path)
+    from bench.records import atomic_write   # here, not at the top: `bench.records` imports torch
+
+    atomic_write(os.path.join(weights_dir, SUMS_FILE), "".join(f"{h}  {name}\n" for name, h in sorted(sums.items())),
+                 setting="weights_dir")
 
 
 def _progress_bar(total: int | None, initial: int, desc: str, progress: bool):
@@ -211,16 +209,26 @@ def download_http(url: str, part: str, expected_size: int | None = None, progres
             total = total if total is not None else expected_size
             got, error = have, None
             os.makedirs(os.path.dirname(part) or ".", exist_ok=True)
-            with open(part, mode) as f, _progress_bar(total, have, desc, progress) as bar:
-                try:
-                    while chunk := resp.read(CHUNK):
+            try:
+                with open(part, mode) as f, _progress_bar(total, have, desc, progress) as bar:
+                    while True:
+                        try:
+                            chunk = resp.read(CHUNK)
+                        except (http.client.HTTPException, OSError) as e:   # the network: resumable
+                            error = e
+                            break
+                        if not chunk:
+                            break
                         f.write(chunk)
                         got += len(chunk)
                         bar.update(len(chunk))
-                except (http.client.HTTPException, OSError) as e:
-                    error = e
-                f.flush()
-                os.fsync(f.fileno())
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:   # a full or read-only disk: one line; what reached the .part is kept for resume
+                from bench.records import write_error
+
+                raise BenchError(f"{write_error(part, e, 'weights_dir')}; then rerun the same command to resume"
+                                 ) from None
         if (total is not None and got < total) or (error is not None and total is None):
             why = _reason(error) if error is not None else "connection closed early"
             raise BenchError(f"download of {url} stopped at {_size_text(got)} of {_size_text(total)} ({why}); "
@@ -257,7 +265,13 @@ def download_hf(repo: str, file: str, part: str, revision: str | None = None) ->
     try:
         os.link(cached, part)
     except OSError:
-        shutil.copyfile(cached, part)
+        try:
+            shutil.copyfile(cached, part)
+        except OSError as e:   # a full or read-only weights folder: one line, no partial copy left
+            from bench.records import write_error
+
+            _remove(part)
+            raise write_error(part, e, "weights_dir") from None
     return url
 
 
@@ -369,14 +383,14 @@ def fetch_checkpoint(checkpoint: Mapping, weights_dir: str = "weights", *, build
             raise BenchError(f"cannot build model {builder!r} to check the key layout of {file} ({e}); the "
                              f"download stays at {path}: rerun when the builder exists, or pass check_layout=false"
                              ) from e
-        from bench.models.checkpoint import load_state_dict_strict, read_state_dict
+        from bench.models.checkpoint import PickleRefused, load_state_dict_strict, read_state_dict
 
         try:
             sd = read_state_dict(path, allow_unsafe_pickle)
             report = load_state_dict_strict(model, sd, file, tuple(checkpoint.get("ignore_prefixes") or ()),
                                             tuple(checkpoint.get("optional_keys") or ()))
         except BenchError as e:
-            refused = isinstance(e.__cause__, pickle.UnpicklingError) and not allow_unsafe_pickle
+            refused = isinstance(e, PickleRefused)
             if hash_known and not refused:
                 raise BenchError(f"{file} from {origin} matches the expected sha256 but fails the strict load into "
                                  f"{builder}: {e}; the model code does not fit the published file (kept {path})"

@@ -14,9 +14,23 @@ SG-IoU (SCAN's Semantic-Guided IoU, specs/scan.md §5.2): a pixel of GT class c 
 (relation table, `bench/data/sg_iou/*.json`) earns β = (conf[f,c] + conf[f,f]) / pos_pred[f] of a true positive
 (β = 1 when f is never predicted); the union keeps the original TP. Reported under both formulas, headlined like
 mIoU (clarifications §10), so an empty table gives SG-IoU == mIoU for each formula.
+
+BoundaryIoU, as detectron2's current `SemSegEvaluator` computes it (facebookresearch/detectron2@02b5c4e2,
+`detectron2/evaluation/sem_seg_evaluation.py`, `_mask_to_boundary` and `_b_conf_matrix`): each uint8 *label map*
+(prediction, and GT with ignore mapped to K) minus its grey-scale erosion by a 3×3 square `d` times, with a one-pixel
+zero border (d = max(1, round(0.02 · image diagonal))); a second confusion matrix of these two difference maps gives
+`BoundaryIoU-<name>` (NaN where that class's boundary union is empty) and `min(IoU, B-Iou)-<name>` (Python's `min`
+of the two, so NaN IoU stays NaN and NaN BoundaryIoU gives the IoU). The maps are label differences, not per-class
+binary boundaries: every interior pixel is the pair (0, 0), so class 0 collects them; that is detectron2's number.
+detectron2 skips it for K ≥ 255 (uint8) and without OpenCV; here OpenCV is optional: `cv2.erode` when installed, else
+the same erosion as a separable window minimum in torch (equal bit for bit, tested), which also runs on the GPU.
+Means (ours; detectron2 reports per class only): `BoundaryIoU` over classes with a non-empty boundary union,
+`min(IoU, B-Iou)` over the classes whose value is defined (those in the GT). `boundary_iou` says how it was computed
+or why it was skipped.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -28,6 +42,10 @@ import torch
 from bench import BenchError
 
 FORMULAS = ("current", "v06")
+BOUNDARY_BACKENDS = ("auto", "cv2", "torch", "off")
+BOUNDARY_DILATION_RATIO = 0.02   # detectron2 `_mask_to_boundary(dilation_ratio=0.02)`
+BOUNDARY_MAX_CLASSES = 254       # detectron2 computes B-IoU only for num_classes < np.iinfo(np.uint8).max
+MIN_IOU_BIOU = "min(IoU, B-Iou)"  # detectron2's key, spelling included
 SG_IOU_DIR = Path(__file__).resolve().parent / "data" / "sg_iou"
 
 SGTable = Mapping[int, Sequence[int]]
@@ -72,6 +90,82 @@ def normalize_sg_iou_table(table: Mapping[int, Any] | None) -> dict[int, tuple[i
 
 
 # --------------------------------------------------------------------------------------------------------------
+# boundary maps (detectron2 `_mask_to_boundary`)
+
+
+@functools.lru_cache(maxsize=1)
+def _cv2():
+    """The OpenCV module, or None when it is not installed."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
+def boundary_dilation(h: int, w: int, dilation_ratio: float = BOUNDARY_DILATION_RATIO) -> int:
+    """Erosion count for an h×w map: max(1, round(ratio · diagonal)), with detectron2's rounding."""
+    return max(1, int(round(dilation_ratio * np.sqrt(h ** 2 + w ** 2))))
+
+
+def _window_min(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Minimum over every window of k consecutive elements along `dim` (length n -> n - k + 1), by doubling."""
+    p = 1 << (k.bit_length() - 1)          # largest power of two <= k: two overlapping p-windows cover a k-window
+    m, s = x, 1
+    while s < p:
+        n = m.shape[dim]
+        m = torch.minimum(m.narrow(dim, 0, n - s), m.narrow(dim, s, n - s))
+        s *= 2
+    n = x.shape[dim] - k + 1
+    return torch.minimum(m.narrow(dim, 0, n), m.narrow(dim, k - p, n))
+
+
+def _erode_torch(maps: torch.Tensor, d: int) -> torch.Tensor:
+    """`d` 3×3 erosions with zeros beyond the edge = one (2d+1)² window minimum over the zero-padded maps."""
+    padded = torch.nn.functional.pad(maps, (d, d, d, d), value=0)
+    return _window_min(_window_min(padded, 2 * d + 1, -2), 2 * d + 1, -1)
+
+
+def _erode_cv2(maps: torch.Tensor, d: int) -> torch.Tensor:
+    """detectron2's own calls: copyMakeBorder(1, constant 0), erode(ones 3×3, iterations=d), crop."""
+    cv2 = _cv2()
+    kernel = np.ones((3, 3), dtype=np.uint8)
+    out = []
+    for m in maps.reshape(-1, *maps.shape[-2:]).cpu().numpy():
+        padded = cv2.copyMakeBorder(m, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        out.append(cv2.erode(padded, kernel, iterations=d)[1:-1, 1:-1])
+    return torch.from_numpy(np.stack(out)).reshape(maps.shape).to(maps.device)
+
+
+def label_boundary(maps: torch.Tensor, dilation_ratio: float = BOUNDARY_DILATION_RATIO,
+                   backend: str = "torch") -> torch.Tensor:
+    """detectron2's `_mask_to_boundary` of uint8 label maps [..., H, W] (all one size): map − eroded map."""
+    if maps.dtype != torch.uint8:
+        raise ValueError(f"label_boundary takes uint8 label maps, got {maps.dtype}")
+    d = boundary_dilation(maps.shape[-2], maps.shape[-1], dilation_ratio)
+    eroded = _erode_cv2(maps, d) if backend == "cv2" else _erode_torch(maps, d)
+    return maps - eroded                   # eroded <= map (the window holds the pixel itself): no wrap-around
+
+
+def _boundary_backend(requested: str, num_classes: int, device: torch.device) -> tuple[str | None, str]:
+    """(backend or None, the record's `boundary_iou` note) for a BoundaryIoU request."""
+    if requested not in BOUNDARY_BACKENDS:
+        raise BenchError(f"boundary_iou={requested!r}; allowed: {list(BOUNDARY_BACKENDS)}")
+    if requested == "off":
+        return None, "skipped: boundary_iou=off"
+    if num_classes > BOUNDARY_MAX_CLASSES:
+        return None, (f"skipped: {num_classes} classes (detectron2 computes BoundaryIoU on uint8 label maps, "
+                      f"for at most {BOUNDARY_MAX_CLASSES} classes)")
+    if requested == "cv2" and _cv2() is None:
+        raise BenchError("boundary_iou=cv2 but OpenCV is not installed; pip install opencv-python-headless, "
+                         "or use boundary_iou=auto (an exact torch erosion)")
+    backend = requested
+    if requested == "auto":   # OpenCV as detectron2 when it is there and the maps are on the CPU
+        backend = "cv2" if _cv2() is not None and device.type == "cpu" else "torch"
+    return backend, f"{backend} erosion, dilation_ratio {BOUNDARY_DILATION_RATIO}"
+
+
+# --------------------------------------------------------------------------------------------------------------
 # metrics from a confusion matrix
 
 
@@ -89,12 +183,14 @@ def _mean_ious(iou: np.ndarray, gt_present: np.ndarray, any_present: np.ndarray)
 
 def evaluate_from_confusion(conf: np.ndarray | torch.Tensor, class_names: Sequence[str] | None = None, *,
                             formula: str = "current", sg_iou_table: Mapping[int, Any] | None = None,
-                            per_class: bool = True) -> dict[str, Any]:
+                            per_class: bool = True,
+                            boundary_conf: np.ndarray | torch.Tensor | None = None) -> dict[str, Any]:
     """Metrics (percent) from a (K+1)×(K+1) confusion matrix (rows = prediction, columns = GT, last = ignore).
 
     Keys: mIoU (per `formula`), mIoU_current, mIoU_v06, fwIoU, mACC, pACC, IoU-<name>, ACC-<name> (NaN for
     classes absent from the GT), classes_in_gt, classes_in_gt_or_pred, pixels; with a relation table also
-    SG-mIoU (per `formula`), SG-mIoU_current, SG-mIoU_v06, SG-fwIoU, SG-mACC, SG-pACC, SG-IoU-<name>.
+    SG-mIoU (per `formula`), SG-mIoU_current, SG-mIoU_v06, SG-fwIoU, SG-mACC, SG-pACC, SG-IoU-<name>; with the
+    boundary confusion matrix also BoundaryIoU, min(IoU, B-Iou), BoundaryIoU-<name>, min(IoU, B-Iou)-<name>.
     """
     if formula not in FORMULAS:
         raise BenchError(f"miou_formula={formula!r}; allowed: {list(FORMULAS)}")
@@ -165,6 +261,32 @@ def evaluate_from_confusion(conf: np.ndarray | torch.Tensor, class_names: Sequen
         if per_class:
             for i, n in enumerate(names):
                 res[f"SG-IoU-{n}"] = 100 * float(iou_sg[i])
+    if boundary_conf is not None:
+        res.update(_boundary_metrics(boundary_conf, iou, names, per_class))
+    return res
+
+
+def _boundary_metrics(b_conf: np.ndarray | torch.Tensor, iou: np.ndarray, names: Sequence[str],
+                      per_class: bool) -> dict[str, Any]:
+    """detectron2's BoundaryIoU from the boundary confusion matrix, min(IoU, B-Iou), and their means."""
+    b = np.asarray(b_conf.detach().cpu().numpy() if isinstance(b_conf, torch.Tensor) else b_conf, dtype=np.float64)
+    k = len(names)
+    if b.shape != (k + 1, k + 1):
+        raise ValueError(f"boundary confusion matrix {b.shape} for {k} classes")
+    tp = np.diagonal(b)[:k]
+    union = b[:k, :k].sum(axis=0) + b[:k, :k].sum(axis=1) - tp
+    valid = union > 0
+    b_iou = np.full(k, np.nan)
+    b_iou[valid] = tp[valid] / union[valid]
+    low = np.where(b_iou < iou, b_iou, iou)          # Python's min(iou, b_iou): NaN iou stays, NaN b_iou -> iou
+    res: dict[str, Any] = {
+        "BoundaryIoU": 100 * float(np.mean(b_iou[valid])) if valid.any() else float("nan"),
+        MIN_IOU_BIOU: 100 * float(np.mean(low[~np.isnan(low)])) if (~np.isnan(low)).any() else float("nan"),
+    }
+    if per_class:
+        for i, n in enumerate(names):
+            res[f"BoundaryIoU-{n}"] = 100 * float(b_iou[i])
+            res[f"{MIN_IOU_BIOU}-{n}"] = 100 * float(low[i])
     return res
 
 
@@ -189,7 +311,7 @@ class SemSegEvaluator:
 
     def __init__(self, num_classes: int, ignore_label: int, class_names: Sequence[str] | None = None,
                  device: str | torch.device = "cpu", sg_iou_table: str | Mapping[int, Any] | None = None,
-                 formula: str = "current"):
+                 formula: str = "current", boundary_iou: str = "auto"):
         if formula not in FORMULAS:
             raise BenchError(f"miou_formula={formula!r}; allowed: {list(FORMULAS)}")
         self.num_classes = int(num_classes)
@@ -206,11 +328,14 @@ class SemSegEvaluator:
         self.sg_iou_table = None if sg_iou_table is None else normalize_sg_iou_table(sg_iou_table)
         if self.sg_iou_table is not None:
             _check_table(self.sg_iou_table, self.num_classes)
+        self.boundary_backend, self.boundary_note = _boundary_backend(boundary_iou, self.num_classes, self.device)
         self.reset()
 
     def reset(self) -> None:
         n = self.num_classes + 1
         self.confusion = torch.zeros((n, n), dtype=torch.int64, device=self.device)
+        # detectron2's `_b_conf_matrix` (None when BoundaryIoU is skipped); all-reduce it like `confusion`
+        self.boundary_confusion = (torch.zeros_like(self.confusion) if self.boundary_backend else None)
         self.images = 0
 
     def _as_tensor(self, x: Any) -> torch.Tensor:
@@ -229,34 +354,52 @@ class SemSegEvaluator:
         if bool(((pred < 0) | (pred >= k)).any()):
             bad = torch.unique(pred[(pred < 0) | (pred >= k)])[:5].tolist()
             raise ValueError(f"prediction values {bad} outside [0, {k})")
-        idx = ((k + 1) * pred + gt).reshape(-1)
-        self.confusion += torch.bincount(idx, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+        self.confusion += self._bincount(pred, gt)
+        if self.boundary_backend:
+            b_pred, b_gt = label_boundary(torch.stack([pred, gt]).to(torch.uint8), backend=self.boundary_backend)
+            self.boundary_confusion += self._bincount(b_pred.long(), b_gt.long())
         self.images += 1
 
+    def _bincount(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        k = self.num_classes
+        idx = ((k + 1) * pred + gt).reshape(-1)
+        return torch.bincount(idx, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+
     def merge(self, other: "SemSegEvaluator | torch.Tensor | np.ndarray") -> "SemSegEvaluator":
-        """Add another shard's confusion matrix (an evaluator or the matrix itself)."""
+        """Add another shard's confusion matrix (an evaluator, with its boundary matrix, or the matrix itself)."""
         conf = other.confusion if isinstance(other, SemSegEvaluator) else torch.as_tensor(np.asarray(other))
         if tuple(conf.shape) != tuple(self.confusion.shape):
             raise ValueError(f"cannot merge a {tuple(conf.shape)} confusion matrix into {tuple(self.confusion.shape)}")
         self.confusion += conf.to(self.confusion)
         if isinstance(other, SemSegEvaluator):
             self.images += other.images
+            if self.boundary_confusion is not None and other.boundary_confusion is not None:
+                self.boundary_confusion += other.boundary_confusion.to(self.boundary_confusion)
         return self
 
     def state_dict(self) -> dict[str, Any]:
+        b = self.boundary_confusion
         return {"confusion": self.confusion.detach().cpu().clone(), "images": self.images,
-                "num_classes": self.num_classes, "ignore_label": self.ignore_label}
+                "num_classes": self.num_classes, "ignore_label": self.ignore_label,
+                "boundary_confusion": None if b is None else b.detach().cpu().clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if int(state["num_classes"]) != self.num_classes:
             raise ValueError(f"state is for {state['num_classes']} classes, evaluator has {self.num_classes}")
         self.confusion = torch.as_tensor(state["confusion"]).to(self.confusion).clone()
         self.images = int(state.get("images", 0))
+        if self.boundary_confusion is not None and state.get("boundary_confusion") is not None:
+            self.boundary_confusion = torch.as_tensor(state["boundary_confusion"]).to(self.confusion).clone()
+        elif self.boundary_confusion is not None:   # an older state without it: no BoundaryIoU for this one
+            self.boundary_backend, self.boundary_note = None, "skipped: state without a boundary confusion matrix"
+            self.boundary_confusion = None
 
     def evaluate(self, per_class: bool = True) -> dict[str, Any]:
         res = evaluate_from_confusion(self.confusion, self.class_names, formula=self.formula,
-                                      sg_iou_table=self.sg_iou_table, per_class=per_class)
+                                      sg_iou_table=self.sg_iou_table, per_class=per_class,
+                                      boundary_conf=self.boundary_confusion)
         res["images"] = self.images
+        res["boundary_iou"] = self.boundary_note
         return res
 
 

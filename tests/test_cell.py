@@ -86,7 +86,7 @@ def test_bad_checkpoints_fail_the_cell_with_one_line(tmp_path, san_checkpoint, d
         torch.save({"model": sd}, weights / "san_vit_b_16.pth")
     rec = run_cell(make_cfg(tmp_path))
     assert rec["status"] == "error" and "\n" not in rec["reason"]
-    expected = {"truncated": "truncated or not a torch checkpoint", "other_model": "does not match",
+    expected = {"truncated": "is truncated or corrupt", "other_model": "does not match",
                 "nan": "non-finite outputs"}[damage]
     assert expected in rec["reason"]
 
@@ -103,6 +103,8 @@ def test_leaderboard_from_cells(tmp_path, san_checkpoint):
     assert len(runs) == 2 and runs["gflops_model"].dtype.kind == "f"
     per_class = pd.read_csv(tmp_path / "results" / "per_class.csv")
     assert len(per_class) == 8 and set(per_class.columns) >= {"class_name", "IoU", "ACC"}
+    assert {"BoundaryIoU", "min(IoU, B-Iou)"} <= set(per_class.columns) & set(runs.columns)   # detectron2's B-IoU
+    assert runs["boundary_iou"].dropna().str.contains("erosion, dilation_ratio 0.02").all()
 
 
 def _cli(*args, cwd=ROOT):

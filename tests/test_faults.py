@@ -460,10 +460,10 @@ def test_failing_cell_in_the_middle_of_a_sweep(tmp_path, tiny_weights):
         [("broken.pth", "error")] * 2 + [("san_tiny.pth", "ok")] * 2
     for r in recs:
         if r["status"] == "error":
-            assert "truncated or not a torch checkpoint" in r["reason"] and str(weights / "broken.pth") in r["reason"]
+            assert "is truncated or corrupt" in r["reason"] and str(weights / "broken.pth") in r["reason"]
     assert_runs_csv_matches(results)
     md = (results / "leaderboard.md").read_text()
-    assert md.count("truncated or not a torch checkpoint") >= 2
+    assert md.count("is truncated or corrupt") >= 2
 
 
 # ---------------------------------------------------------------------------------------------------- hostile inputs
@@ -473,8 +473,10 @@ def test_failing_cell_in_the_middle_of_a_sweep(tmp_path, tiny_weights):
 # and names the file, printed once, exit 1. "converted"/"read": status ok, exit 0. "refused": Hydra stops before any
 # cell (exit 1), its first line names the bad key or value.
 HOSTILE_CASES = [
-    ("truncated checkpoint", "error", "is truncated or not a torch checkpoint"),
-    ("zip that is not a checkpoint", "error", "is truncated or not a torch checkpoint"),
+    ("truncated checkpoint", "error: download it again", "is truncated or corrupt"),
+    ("zip that is not a checkpoint", "error: download it again", "is not a torch checkpoint: a zip archive"),
+    ("random bytes named like the checkpoint", "error: download it again, no unsafe opt-in offered",
+     "is not a torch checkpoint (unrecognised bytes)"),
     ("pickle that runs code (__reduce__ -> os.system)", "error: refused by weights_only=True, the code never runs",
      "rerun with allow_unsafe_pickle=true"),
     ("another model's checkpoint (SimSeg keys)", "error: the key diff", "does not match SAN"),
@@ -541,6 +543,9 @@ def _build_case(case: str, base: dict, tmp: Path) -> tuple[list[str], str]:
         ckpt.unlink()
         with zipfile.ZipFile(ckpt, "w") as z:
             z.writestr("archive/readme.txt", "a zip, not a torch checkpoint")
+        return [], str(ckpt)
+    if case.startswith("random bytes"):
+        ckpt.write_bytes(np.random.default_rng(0).bytes(4096))
         return [], str(ckpt)
     if case.startswith("pickle that runs code"):
         sd = torch.load(ckpt, weights_only=True)["model"]
@@ -627,6 +632,8 @@ def test_hostile_input(case, behaviour, fragment, hostile_base, tmp_path):
         assert out.returncode != 0, text
         lines = [ln for ln in text.splitlines() if fragment in ln]
         assert len(lines) == 1 and names in lines[0], text  # one clear line, naming the file
+        if "no unsafe opt-in" in behaviour:
+            assert "allow_unsafe_pickle" not in text, text
         if not case.startswith("results_dir"):
             assert len(recs) == 1 and recs[0]["status"] == "error" and "mIoU" not in recs[0]
             assert fragment in recs[0]["reason"] and names in recs[0]["reason"] and "\n" not in recs[0]["reason"]

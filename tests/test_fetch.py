@@ -410,3 +410,25 @@ def test_hugging_face_path_uses_the_hub_cache(tmp_path, tiny, monkeypatch):
                                          r"https://huggingface\.co/someone/tiny/resolve/main/other\.pth and put it at"):
         _fetch(_ck(data, hf_repo="someone/tiny", file="other.pth"), wdir, None)
     assert not (wdir / "other.pth").exists()
+
+
+def test_full_disk_during_the_download_is_one_line_and_resumable(tmp_path, server, tiny, monkeypatch):
+    """A full weights disk (the .part's flush/fsync fails): one line naming the .part, the errno and the fix."""
+    import errno
+
+    _, data = tiny
+    server.files["/tiny.pth"] = data
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m, pytest.raises(BenchError) as e:
+        m.setattr(os, "fsync", full)
+        _fetch(_ck(data), tmp_path, server.url + "/tiny.pth")
+    msg = str(e.value)
+    assert "\n" not in msg and e.value.__cause__ is None and e.value.__suppress_context__
+    assert fetch.part_path(str(tmp_path), FILE) in msg and "No space left on device (ENOSPC)" in msg
+    assert "set weights_dir=" in msg and msg.endswith("rerun the same command to resume")
+    _only_part_or_nothing(tmp_path)
+    path, _ = _fetch(_ck(data), tmp_path, server.url + "/tiny.pth")   # space again: the rerun completes
+    assert (tmp_path / FILE).read_bytes() == data

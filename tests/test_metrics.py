@@ -224,3 +224,192 @@ def test_cuda_confusion_matches_cpu():
     cpu, gpu = hand_evaluator(), hand_evaluator(device="cuda")
     assert gpu.confusion.is_cuda
     assert torch.equal(gpu.confusion.cpu(), cpu.confusion)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BoundaryIoU (detectron2 SemSegEvaluator._mask_to_boundary / _b_conf_matrix)
+
+# 4×6 maps: diagonal √52 ≈ 7.2, 0.02 · 7.2 rounds to 0, so one 3×3 erosion with zeros beyond the edge.
+GT_LR = np.array([[1, 1, 1, 2, 2, 2]] * 4)
+PRED_LR = np.array([[1, 1, 2, 2, 2, 2]] * 4)
+# map − eroded map, by hand: the edge rows/columns keep their label (eroded to 0); inside, a pixel keeps
+# label − min(3×3 neighbourhood), so the column left of a 1|2 edge is 1 − 1 = 0 and the one right of it 2 − 1 = 1.
+GT_LR_BOUNDARY = np.array([[1, 1, 1, 2, 2, 2],
+                           [1, 0, 0, 1, 0, 2],
+                           [1, 0, 0, 1, 0, 2],
+                           [1, 1, 1, 2, 2, 2]])
+PRED_LR_BOUNDARY = np.array([[1, 1, 2, 2, 2, 2],
+                             [1, 0, 1, 0, 0, 2],
+                             [1, 0, 1, 0, 0, 2],
+                             [1, 1, 2, 2, 2, 2]])
+
+
+def test_boundary_dilation_follows_the_diagonal():
+    from bench.metrics import boundary_dilation
+    assert boundary_dilation(4, 6) == 1 and boundary_dilation(1, 1) == 1          # max(1, round(0.14))
+    assert boundary_dilation(53, 53) == 1 and boundary_dilation(54, 54) == 2      # 1.499 vs 1.527
+    assert boundary_dilation(640, 854) == 21                                       # 0.02 · 1067.2
+
+
+@pytest.mark.parametrize("backend", ["torch", "cv2"])
+def test_label_boundary_hand_drawn(backend):
+    from bench.metrics import label_boundary
+    if backend == "cv2":
+        pytest.importorskip("cv2", reason="OpenCV not installed: the cv2 path is optional")
+    maps = torch.from_numpy(np.stack([GT_LR, PRED_LR]).astype(np.uint8))
+    b_gt, b_pred = label_boundary(maps, backend=backend)
+    np.testing.assert_array_equal(b_gt.numpy(), GT_LR_BOUNDARY)
+    np.testing.assert_array_equal(b_pred.numpy(), PRED_LR_BOUNDARY)
+    one = label_boundary(torch.ones(4, 4, dtype=torch.uint8), backend=backend)   # a ring of 1s, a 2×2 hole
+    np.testing.assert_array_equal(one.numpy(), [[1, 1, 1, 1], [1, 0, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1]])
+
+
+def test_boundary_iou_hand_scored():
+    ev = SemSegEvaluator(3, IGN, ["void", "cat", "sky"], boundary_iou="torch")
+    ev.process(PRED_LR, GT_LR)
+    # boundary confusion (rows = pred boundary value, cols = GT boundary value), counted from the maps above:
+    #   [[4, 2, 0], [2, 6, 0], [0, 2, 8]]  -> tp 4, 6, 8; union 6+6-4, 10+8-6, 8+10-8 = 8, 12, 10
+    np.testing.assert_array_equal(ev.boundary_confusion.numpy()[:3, :3], [[4, 2, 0], [2, 6, 0], [0, 2, 8]])
+    r = ev.evaluate()
+    assert r["BoundaryIoU-void"] == pytest.approx(50.0)     # class 0 collects the interior (0, 0) pairs
+    assert r["BoundaryIoU-cat"] == pytest.approx(50.0)
+    assert r["BoundaryIoU-sky"] == pytest.approx(80.0)
+    assert r["BoundaryIoU"] == pytest.approx(60.0)
+    # IoU: cat 8/12, sky 12/16, void absent -> NaN; min(IoU, B-Iou) as Python's min: NaN IoU stays NaN
+    assert math.isnan(r["min(IoU, B-Iou)-void"])
+    assert r["min(IoU, B-Iou)-cat"] == pytest.approx(50.0)
+    assert r["min(IoU, B-Iou)-sky"] == pytest.approx(75.0)
+    assert r["min(IoU, B-Iou)"] == pytest.approx(62.5)
+    assert r["boundary_iou"].startswith("torch erosion")
+
+
+def test_boundary_iou_nan_where_no_boundary_and_min_falls_back_to_iou():
+    ev = SemSegEvaluator(3, IGN, NAMES, boundary_iou="torch")
+    ev.process(np.ones((4, 4), int), np.ones((4, 4), int))   # both: ring of 1s, interior 0s; class 2 nowhere
+    r = ev.evaluate()
+    assert r["BoundaryIoU-cat"] == 100 and r["BoundaryIoU-road, route"] == 100
+    assert math.isnan(r["BoundaryIoU-sky"]) and math.isnan(r["IoU-sky"]) and math.isnan(r["min(IoU, B-Iou)-sky"])
+    assert r["BoundaryIoU"] == 100 and r["min(IoU, B-Iou)"] == 100
+    # a class with an IoU but an empty boundary union: min(IoU, NaN) is the IoU (Python's min keeps the first)
+    from bench.metrics import evaluate_from_confusion as efc
+    conf = np.array([[0, 0, 0, 0], [0, 3, 1, 0], [0, 0, 4, 0], [0, 0, 0, 0]])
+    b = np.array([[5, 0, 0, 0], [0, 0, 0, 0], [0, 0, 3, 0], [0, 0, 0, 0]])
+    r = efc(conf, NAMES, boundary_conf=b)
+    assert math.isnan(r["BoundaryIoU-road, route"]) and r["min(IoU, B-Iou)-road, route"] == pytest.approx(75.0)
+
+
+def test_boundary_iou_ignore_pixels_take_the_ignore_index():
+    gt = np.full((4, 4), IGN)
+    ev = SemSegEvaluator(3, IGN, NAMES, boundary_iou="torch")
+    ev.process(np.ones((4, 4), int), gt)       # GT map is all K=3: a ring of 3s (ignored column), interior 0s
+    b = ev.boundary_confusion.numpy()
+    assert b[1, 3] == 12 and b[0, 0] == 4 and b.sum() == 16
+
+
+def test_boundary_iou_skipped_like_detectron2_for_255_classes():
+    ev = SemSegEvaluator(255, 255 + 1, None)
+    ev.process(np.zeros((3, 3), int), np.zeros((3, 3), int))
+    r = ev.evaluate()
+    assert ev.boundary_confusion is None and r["boundary_iou"].startswith("skipped: 255 classes")
+    assert not any(k.startswith(("BoundaryIoU", "min(IoU")) for k in r)
+    assert SemSegEvaluator(254, 255, None).boundary_backend is not None
+    off = SemSegEvaluator(3, IGN, NAMES, boundary_iou="off").evaluate()
+    assert off["boundary_iou"] == "skipped: boundary_iou=off" and "BoundaryIoU" not in off
+    with pytest.raises(BenchError, match="boundary_iou='cv3'"):
+        SemSegEvaluator(3, IGN, NAMES, boundary_iou="cv3")
+
+
+def test_boundary_iou_without_opencv_uses_torch(monkeypatch):
+    import bench.metrics as m
+    monkeypatch.setattr(m, "_cv2", lambda: None)
+    assert SemSegEvaluator(3, IGN, NAMES).boundary_backend == "torch"
+    with pytest.raises(BenchError, match="OpenCV is not installed"):
+        SemSegEvaluator(3, IGN, NAMES, boundary_iou="cv2")
+
+
+def _random_label_maps(rng, h, w, k, ignore_frac=0.0):
+    """Blocky label maps (rectangles over noise), the kind where erosion matters."""
+    m = rng.integers(0, k, (h, w))
+    for _ in range(6):
+        y, x = rng.integers(0, h), rng.integers(0, w)
+        m[y:y + rng.integers(1, h + 1), x:x + rng.integers(1, w + 1)] = rng.integers(0, k)
+    if ignore_frac:
+        m = np.where(rng.random((h, w)) < ignore_frac, IGN, m)
+    return m
+
+
+def test_torch_erosion_equals_opencv():
+    cv2 = pytest.importorskip("cv2", reason="OpenCV not installed: nothing to compare the torch erosion with")
+    from bench.metrics import _erode_torch
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        h, w, d = int(rng.integers(1, 50)), int(rng.integers(1, 50)), int(rng.integers(1, 30))
+        m = _random_label_maps(rng, h, w, 250).astype(np.uint8)
+        ref = cv2.erode(cv2.copyMakeBorder(m, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0), np.ones((3, 3), np.uint8),
+                        iterations=d)[1:-1, 1:-1]
+        np.testing.assert_array_equal(_erode_torch(torch.from_numpy(m), d).numpy(), ref, err_msg=f"{h}x{w} d={d}")
+    ev = {b: SemSegEvaluator(7, IGN, None, boundary_iou=b) for b in ("cv2", "torch")}
+    for _ in range(3):
+        p, g = _random_label_maps(rng, 120, 90, 7), _random_label_maps(rng, 120, 90, 7, ignore_frac=0.05)
+        for e in ev.values():
+            e.process(p, g)
+    assert torch.equal(ev["cv2"].boundary_confusion, ev["torch"].boundary_confusion)
+    assert SemSegEvaluator(3, IGN, NAMES).boundary_backend == "cv2"        # auto: OpenCV on the CPU, as detectron2
+
+
+def test_boundary_confusion_merges_and_round_trips():
+    rng = np.random.default_rng(8)
+    whole, shards = SemSegEvaluator(4, IGN, None), [SemSegEvaluator(4, IGN, None) for _ in range(2)]
+    for i in range(4):
+        p, g = _random_label_maps(rng, 9, 11, 4), _random_label_maps(rng, 9, 11, 4, 0.1)
+        whole.process(p, g)
+        shards[i % 2].process(p, g)
+    merged = shards[0].merge(shards[1])
+    assert torch.equal(merged.boundary_confusion, whole.boundary_confusion)
+    restored = SemSegEvaluator(4, IGN, None)
+    restored.load_state_dict(whole.state_dict())
+    assert restored.evaluate()["BoundaryIoU"] == pytest.approx(whole.evaluate()["BoundaryIoU"])
+
+
+def test_boundary_iou_is_cheap_next_to_the_confusion_matrix():
+    """At the A-150 protocol size the torch erosion (21 iterations, one pass for all classes) adds about one more
+    bincount; a per-class loop or a 43×43 max-pool would be 10-100× the plain confusion update. Best of 5, interleaved,
+    so a loaded machine slows both sides alike."""
+    import time
+    rng = np.random.default_rng(0)
+    p = torch.from_numpy(_random_label_maps(rng, 640, 854, 150))
+    g = torch.from_numpy(_random_label_maps(rng, 640, 854, 150))
+    evs = {b: SemSegEvaluator(150, IGN, None, boundary_iou=b) for b in ("off", "torch")}
+    best = {b: math.inf for b in evs}
+    for _ in range(6):
+        for b, ev in evs.items():
+            t0 = time.perf_counter()
+            ev.process(p, g)
+            best[b] = min(best[b], time.perf_counter() - t0)
+    assert best["torch"] < 5 * best["off"] + 0.02, best
+
+
+def test_boundary_iou_lands_in_the_cells_per_class_rows():
+    from bench.cell import per_class_rows
+    ev = SemSegEvaluator(3, IGN, ["void", "cat", "sky"], boundary_iou="torch")
+    ev.process(PRED_LR, GT_LR)
+    metrics = ev.evaluate()
+    rows = per_class_rows(metrics, ev.class_names)
+    assert [r["BoundaryIoU"] for r in rows] == pytest.approx([50.0, 50.0, 80.0])
+    assert rows[2]["min(IoU, B-Iou)"] == pytest.approx(75.0)
+    assert not any(k.startswith(("BoundaryIoU-", "min(IoU, B-Iou)-")) for k in metrics)  # popped
+    assert metrics["BoundaryIoU"] == pytest.approx(60.0) and "boundary_iou" in metrics    # means stay: runs.csv
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_boundary_confusion_matches_cpu():
+    rng = np.random.default_rng(3)
+    cpu = SemSegEvaluator(150, IGN, None, boundary_iou="torch")
+    gpu = SemSegEvaluator(150, IGN, None, device="cuda")
+    assert gpu.boundary_backend == "torch"                       # auto on CUDA: no host copy for OpenCV
+    for _ in range(2):
+        p, g = _random_label_maps(rng, 640, 854, 150), _random_label_maps(rng, 640, 854, 150, 0.05)
+        cpu.process(p, g)
+        gpu.process(p, g)
+    assert torch.equal(gpu.boundary_confusion.cpu(), cpu.boundary_confusion)

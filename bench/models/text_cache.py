@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 
 import torch
 from torch import nn
+
+from bench.records import atomic_write
 
 _cache_dir: str | None = None
 
@@ -44,9 +45,6 @@ def cached(module: nn.Module, prompts: list[str], compute) -> torch.Tensor:
         except Exception:  # a damaged cache entry is recomputed, never trusted
             pass
     feats = compute()
-    os.makedirs(_cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=_cache_dir)
-    os.close(fd)
-    torch.save(feats.detach().cpu(), tmp)
-    os.replace(tmp, path)
+    out = feats.detach().cpu()
+    atomic_write(path, lambda f: torch.save(out, f))   # a full or read-only disk: one line, no temp file left
     return feats
