@@ -440,3 +440,97 @@ def test_harness_overhead_is_evaluation_over_model_only(tmp_path):
     assert len(row) == 1
     assert [c.strip() for c in row[0].strip("|").split("|")][5:] == ["8", "512", "1.90", "2.00", "95.0%"]
     assert "### Repeatability" not in md
+
+
+# ---------------------------------------------------------------------------------------------------- records in
+def test_published_figures_and_order_come_from_the_records(tmp_path):
+    """A model whose config lives outside conf/ gets its published figures and place from its records; a record
+    without those fields (written before they existed) falls back to the model's YAML in conf_dir."""
+    (tmp_path / "runs").mkdir()
+    own = _record(key="own", model="dense_clip", model_display="Dense CLIP (ours)", mIoU=12.0, mIoU_current=12.0,
+                  mIoU_v06=12.0, model_order=5, dataset_order=30,
+                  published={"source": "our tech report, Table 2", "miou": {"ade150": 12.3}})
+    older = _record(key="older", model="dense_clip", model_display="Dense CLIP (old name)", mIoU=11.0,
+                    timestamp="2026-11-01T10:00:00+00:00", model_order=99,
+                    published={"source": "superseded", "miou": {"ade150": 99.0}})
+    san = _record(key="san")                                              # no published, no model_order
+    for rec in (own, older, san):
+        (tmp_path / "runs" / f"{rec['key']}.json").write_text(json.dumps(rec))
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    md = (tmp_path / "leaderboard.md").read_text()
+    matrix = md.split("### mIoU at each model's own protocol resolution, fp32")[1].split("\n\n")[1]
+    rows = [ln for ln in matrix.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
+    assert rows[0].startswith("| Dense CLIP (ours) ") and "12.0 / 12.3ᴾ (-0.3)" in rows[0]     # order 5 < 10
+    assert rows[1].startswith("| SAN ViT-B/16 ") and "**27.6** / 27.5ᴾ (+0.1)" in rows[1]     # from conf_dir
+    assert "Dense CLIP (ours) ᴾ (paper table): our tech report, Table 2" in md
+    assert "superseded" not in md and "99.0" not in md and "old name" not in md
+
+
+def test_a_corrupt_record_is_warned_about_by_name(tmp_path, caplog):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "good.json").write_text(json.dumps(_record(key="good")))
+    (tmp_path / "runs" / "cut.json").write_text(json.dumps(_record(key="cut"))[:200])   # truncated by hand
+    (tmp_path / "runs" / "list.json").write_text("[1, 2]")
+    (tmp_path / "runs" / ".tmp-123.json").write_text("{")                  # a write in flight: not a record yet
+    with caplog.at_level("WARNING", logger="bench.board.tables"):
+        lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and all("\n" not in w for w in warned)
+    assert any(str(tmp_path / "runs" / "cut.json") in w and "not valid JSON" in w for w in warned)
+    assert any(str(tmp_path / "runs" / "list.json") in w and "not a cell record" in w for w in warned)
+    assert "1 record:" in (tmp_path / "leaderboard.md").read_text()
+
+
+def test_cells_without_a_result_on_a_fresh_clone_fit_one_screen(tmp_path):
+    """The default page of a fresh clone: 5 models x 6 datasets, no checkpoint and no data anywhere (30 cells)."""
+    (tmp_path / "runs").mkdir()
+    models = {"san_b": "san_vit_b_16.pth", "san_l": "san_vit_large_14.pth", "simseg": "simseg.pth",
+              "scan_l": "SCAN.pth", "scan_b": "SCAN-vitB.pth"}
+    datasets = ["ade847", "pc459", "ade150", "pc59", "voc20", "voc20b"]
+    for m, ckpt in models.items():
+        for d in datasets:
+            rec = _record(key=f"{m}-{d}", model=m, model_display=m, dataset=d, dataset_display=d, status="missing",
+                          reason=f"no checkpoint at weights/{ckpt}; no dataset at datasets/{d}/labels")
+            (tmp_path / "runs" / f"{m}-{d}.json").write_text(json.dumps(rec))
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    section = (tmp_path / "leaderboard.md").read_text().split("## Cells without a result")[1].split("\n## ")[0]
+    assert len(section.strip().splitlines()) <= 30
+    assert "30 cells without a result" in section and "| status " not in section      # no per-cell rows
+    for m, ckpt in models.items():
+        assert re.search(rf"\| `weights/{re.escape(ckpt)}` +\| +6 \| `make weights MODEL={m}` +\|", section), m
+    for d in datasets:
+        assert re.search(rf"\| `datasets/{d}/labels` +\| +5 \| `python -m bench.data.prepare dataset={d} ", section)
+
+
+def _run_cli(results: Path, **popen) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "bench.leaderboard", f"results_dir={results}", f"conf_dir={CONF}"],
+                          capture_output=True, text=True, env=env, timeout=300, **popen)
+
+
+def _no_room():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))   # every write fails: a full disk
+
+
+@pytest.mark.parametrize("how", ["read-only", "full disk"])
+def test_an_unwritable_results_dir_is_one_line_and_nonzero(tmp_path, how):
+    results = _results(tmp_path)
+    before = sorted(p.name for p in results.rglob("*"))
+    if how == "read-only":
+        results.chmod(0o555)
+        if os.access(results, os.W_OK):                                    # root ignores the mode
+            results.chmod(0o755)
+            pytest.skip("running as root: a read-only folder is still writable")
+        out = _run_cli(results)
+        results.chmod(0o755)
+    else:
+        out = _run_cli(results, preexec_fn=_no_room)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {results}/runs.csv: ") and "results_dir=" in err[0]
+    assert sorted(p.name for p in results.rglob("*")) == before            # no temp file, nothing half-written
