@@ -127,4 +127,5 @@ def _speed_plot(page: Page, out: list[str], emit, colors: dict, labels: dict, cr
          "One panel per device: model-scope median latency at batch 1 against the GFLOPs of the timed path, one "
          "point per row of the *Speed and memory* tables (log scales). Each grey line is the compute floor at one "
          "peak (latency = GFLOPs ÷ peak; a band where each cell measured its own peak of that kind): a point on it "
-         "runs at the peak, the distance above it is the time lost; no point can lie below it. Missing cells count here: their speed was measured.")
+         "runs at the peak, the distance above it is the time lost; no point can lie below it. Missing cells "
+         "count here: their speed was measured.")

@@ -30,12 +30,12 @@ from bench.board.tables import (FILTER_KEYS, Page, apply_filters, load_records, 
 def markdown(page: Page, plots_lines: list[str]) -> str:
     df = page.runs
     n_ok = int(df["ok_result"].sum()) if len(df) else 0
-    timing = df["timing_only"] & (df["status"] != "error") if len(df) else df
-    n_pipe = int(((df["status"] == "ok") & df["pipeline_check"].fillna(False).astype(bool) & ~timing).sum()) \
-        if len(df) else 0
-    n_timing = f", {int(timing.sum())} timing only (evaluation off)" if len(df) and timing.any() else ""
-    counts = (f"{plural(len(df), 'record')}: {n_ok} with a result, {int(((df['status'] == 'missing') & ~timing).sum())} "
-              f"missing, {int((df['status'] == 'error').sum())} failed, {plural(n_pipe, 'pipeline check')}{n_timing}."
+    timing = df["timing_only"] & (df["status"] != "error")               # evaluation off: neither result nor missing
+    n_pipe = int(((df["status"] == "ok") & df["pipeline_check"].fillna(False).astype(bool) & ~timing).sum())
+    n_timing = f", {int(timing.sum())} timing only (evaluation off)" if timing.any() else ""
+    n_missing = int(((df["status"] == "missing") & ~timing).sum())
+    counts = (f"{plural(len(df), 'record')}: {n_ok} with a result, {n_missing} missing, "
+              f"{int((df['status'] == 'error').sum())} failed, {plural(n_pipe, 'pipeline check')}{n_timing}."
               if len(df) else "No records yet.")
     floor = floor_section(page)
     filt = "; ".join(f"{k} = {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"

@@ -57,7 +57,8 @@ def drill_down_section(page: Page) -> list[str]:
                           "IoU ": fmt(w["IoU"]) if w is not None else ""})
         absent = len(rows) - len(present)
         part = f", {partial(r)}" if partial(r) else ""
-        summary = (f"{r['model_label']} · {r['dataset_label']} (short side {fmt_res(r['resolution'])}, {r['precision']}, "
+        summary = (f"{r['model_label']} · {r['dataset_label']} (short side {fmt_res(r['resolution'])}, "
+                   f"{r['precision']}, "
                    f"mIoU {fmt(r.get('mIoU'))}{part}): {len(present)} of {len(rows)} classes in the GT, "
                    f"{len(never)} never predicted{'' if exact else ' correctly'}")
         names = "; ".join(as_str(n) for n in never["class_name"]) or "none"
@@ -129,8 +130,8 @@ def no_result_section(page: Page) -> list[str]:
         out += ["**No checkpoint** (`make weights` fetches every model's):", "", md_table(models, {"cells": "right"}),
                 ""]
     if datasets:
-        out += ["**No data** (RAW_DIR = the dataset as downloaded; the README's *Datasets* section says where from):", "",
-                md_table(datasets, {"cells": "right"}), ""]
+        out += ["**No data** (RAW_DIR = the dataset as downloaded; the README's *Datasets* section says where from):",
+                "", md_table(datasets, {"cells": "right"}), ""]
     if models and datasets and grouped["_absent"].map(lambda p: bool(p[0] and p[1])).any():
         out += ["A cell missing both counts in both lists.", ""]
     if rows:
@@ -162,8 +163,9 @@ def provenance_section(page: Page) -> list[str]:
     out += [md_table(envs, {"records": "right"}), "",
             "**Protocol.**",
             "- *Accuracy*: single-scale inference at the model's protocol resolution ("
-            + "".join(f"{page.models[m].display} short side {page.models[m].protocol}; " for m in
-                      ordered(set(df["model"]) & set(page.models), page.catalog.model_order) if page.models[m].protocol) +
+            + "".join(f"{page.models[m].display} short side {page.models[m].protocol}; "
+                      for m in ordered(set(df["model"]) & set(page.models), page.catalog.model_order)
+                      if page.models[m].protocol) +
             "long side ≤ 4× the short side) unless a resolution is given; the argmax label map at the "
             "original image size is scored with a detectron2-compatible `SemSegEvaluator`. Headline mIoU formula: "
             + (", ".join(FORMULA_NAMES.get(f, f) for f in formulas) or "–") +

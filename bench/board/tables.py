@@ -47,12 +47,14 @@ STATUS_RANK = {"ok": 0, "error": 2, "missing": 3}   # an ok pipeline check or ti
 
 # ---------------------------------------------------------------------------------------------------- records
 def load_records(results_dir: str) -> list[dict]:
-    """Every cell record under `results_dir/runs/`; a file that is not one is skipped with a warning."""
+    """Every cell record `results_dir/runs/<key>.json`; a file there that is not one is skipped with a warning."""
     folder = os.path.join(results_dir, "runs")
     if not os.path.isdir(folder):
         return []
     out = []
-    for name in sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(".")):
+    # <key>.json; a temp file (.tmp-*) is a write in flight, <key>.<what>.json a sidecar (per-iteration timings)
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".json") and "." not in n[:-5]
+                       and not n.startswith(".")):
         path = os.path.join(folder, name)
         try:
             with open(path) as f:

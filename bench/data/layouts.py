@@ -61,6 +61,7 @@ class DatasetSpec:
     void_reweight: bool = False
     generate: bool = False
     synth: Mapping[str, Any] = field(default_factory=dict)
+    order: int | None = None          # place in the leaderboard's tables (bench.board); no effect on a result
 
     @property
     def layouts(self) -> tuple[Layout, ...]:
