@@ -472,6 +472,7 @@ def test_a_corrupt_record_is_warned_about_by_name(tmp_path, caplog):
     (tmp_path / "runs" / "cut.json").write_text(json.dumps(_record(key="cut"))[:200])   # truncated by hand
     (tmp_path / "runs" / "list.json").write_text("[1, 2]")
     (tmp_path / "runs" / ".tmp-123.json").write_text("{")                  # a write in flight: not a record yet
+    (tmp_path / "runs" / "good.timings.json").write_text("{}")             # a record's sidecar: not a record
     with caplog.at_level("WARNING", logger="bench.board.tables"):
         lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
     warned = [r.getMessage() for r in caplog.records]
