@@ -96,7 +96,7 @@ def test_leaderboard_from_cells(tmp_path, san_checkpoint):
     run_cell(make_cfg(tmp_path, "dataset=ade150"))
     build_leaderboard(str(tmp_path / "results"))
     md = (tmp_path / "results" / "leaderboard.md").read_text()
-    assert "pipeline check" in md and "no checkpoint at" in md and "SAN ViT-B/16" in md
+    assert "pipeline check" in md and "**No checkpoint**" in md and "SAN ViT-B/16" in md
     import pandas as pd
 
     runs = pd.read_csv(tmp_path / "results" / "runs.csv")

@@ -1,6 +1,7 @@
-"""The leaderboard page, from hand-made records only (no model is built): golden markdown (missing cells, errors,
-a pipeline check, two devices, a resolution sweep, two precisions, crop models), the figures it links, filters,
-the published-vs-measured flags, the compute floor, and the CSVs it is generated from.
+"""The leaderboard page (bench/board/), from hand-made records only (no model is built): golden markdown (missing
+cells, errors, a pipeline check, three devices, a resolution sweep, several precisions, crop models, the timing-only
+cells of a CPU speed sweep), the figures it links, filters, the published-vs-measured flags, the compute floor,
+published figures and order carried by the records, and the CSVs it is generated from.
 
 Refresh the golden files after an intended change of the page:
 `UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_leaderboard.py` (then read the diff). The records come from
@@ -19,7 +20,8 @@ import pytest
 
 from bench import BenchError
 from bench import leaderboard as lb
-from bench.plots import pareto_front
+from bench.board import accuracy, efficiency, published, tables
+from bench.board.plots import pareto_front
 
 FIXTURES = Path(__file__).parent / "fixtures" / "leaderboard"
 CONF = str(FIXTURES / "conf")
@@ -71,6 +73,7 @@ def test_sections_and_content(built):
     md = (built / "leaderboard.md").read_text()
     for heading in ("## Accuracy", "### Published vs measured, cell by cell", "## Efficiency", "### Size and compute",
                     "### Speed and memory on NVIDIA H100 80GB HBM3", "### Speed and memory on AMD EPYC 7B13",
+                    "### Speed and memory on Intel Xeon Platinum 8481C", "## Speed against the compute floor",
                     "### Crop models: cost per dataset", "## Plots", "## Per-class drill-down", "### Resolution sweep",
                     "## Cells without a result", "## Provenance and protocol", "#### Short side 448, fp32"):
         assert heading in md
@@ -78,7 +81,7 @@ def test_sections_and_content(built):
     assert "47.1 / 47.7ᴾ (-0.6) ⚠ unexplained" in md                     # a gap nobody explains
     assert "⚠ partial" in md and "evaluated 200 of 2000 images" in md    # max_images run
     assert "– (missing) / 10.1ᴾ" in md and "– (error) / 53.8ᴾ" in md
-    assert "cell process died with exit code -9" in md and "no checkpoint at weights/SCAN.pth" in md
+    assert "cell process died with exit code -9" in md and "| `weights/SCAN.pth` " in md
     assert "GMACs = GFLOPs / 2" in md and "580.159.04" in md and "00716eb1c2d3" in md
     assert "H100 SXM5 datasheet, dense fp32" in md and "182.6 GFLOP/s (measured matmul peak, from the record)" in md
 
@@ -116,6 +119,7 @@ def test_every_linked_png_is_written_and_nonempty(built):
     assert {p.name for p in built.glob("*.png")} == linked               # nothing unlinked lies in results/
     main = _links((built / "leaderboard.md").read_text())
     assert {"leaderboard.gmacs-vs-resolution.png", "leaderboard.miou-vs-resolution.png",
+            "leaderboard.latency-vs-gflops.png", "leaderboard.params-vs-gmacs.png",
             "leaderboard.pareto-protocol-nvidia-h100-80gb-hbm3.png",
             "leaderboard.pareto-r448-nvidia-h100-80gb-hbm3.png"} <= set(main)
 
@@ -133,9 +137,11 @@ def test_stale_pngs_are_removed_and_absent_plots_said(tmp_path):
     md = (results / "leaderboard.md").read_text()
     assert "_No plot: no cell has both a measured mIoU and a latency yet._" in md
     assert "_No plot: no measured mIoU yet._" in md
-    assert sorted(p.name for p in results.glob("*.png")) == ["leaderboard.gmacs-vs-resolution.png"]
+    left = ["leaderboard.gmacs-vs-resolution.png", "leaderboard.params-vs-gmacs.png",
+            "leaderboard.latency-vs-gflops.png"]                          # need no accuracy: missing cells count
+    assert sorted(p.name for p in results.glob("*.png")) == sorted(left)
     assert not list(results.glob(".tmp-*"))
-    assert _links(md) == ["leaderboard.gmacs-vs-resolution.png"]
+    assert _links(md) == left
 
 
 def test_pareto_front():
@@ -148,11 +154,14 @@ def test_tables_are_the_source(built):
     runs = pd.read_csv(built / "runs.csv")
     per_class = pd.read_csv(built / "per_class.csv")
     assert len(runs) == len(list((FIXTURES / "runs").glob("*.json")))
-    assert list(runs.columns[:len(lb.RUN_COLUMNS)]) == lb.RUN_COLUMNS
+    assert list(runs.columns[:len(tables.RUN_COLUMNS)]) == tables.RUN_COLUMNS
     for col in ("mIoU", "gflops_model", "latency_ms_model_median", "resolution"):
         assert runs[col].dtype.kind in "fi", col
     assert set(per_class["key"]) <= set(runs[runs["status"] == "ok"]["key"])
-    assert {"class_name", "IoU", "ACC"} <= set(per_class.columns)
+    assert {"class_name", "IoU", "ACC", "pipeline_check"} <= set(per_class.columns)
+    check = set(runs[runs["pipeline_check"].astype(str) == "True"]["key"])
+    assert check and set(per_class[per_class["pipeline_check"]]["key"]) == check & set(per_class["key"])
+    assert "published" not in runs.columns and {"model_order", "dataset_order", "evaluated"} <= set(runs.columns)
 
 
 def test_cli_filters_write_a_second_page(built, tmp_path, capsys):
@@ -182,11 +191,14 @@ def test_empty_results_dir(tmp_path):
     assert "No records yet" in md and not _links(md) and not list((tmp_path / "results").glob("*.png"))
 
 
-def test_real_model_configs_have_published_sources():
-    models = lb.published_figures()
+def test_real_model_configs_have_published_sources_and_order():
+    models = published.published_figures()
     assert {"san_b", "san_l", "simseg", "scan_l", "scan_b"} <= set(models)
     for info in models.values():
         assert info.protocol and all(s.text for s in info.sources)
+    assert sorted(models, key=lambda m: models[m].order) == ["san_b", "san_l", "simseg", "scan_l", "scan_b"]
+    orders = published.dataset_orders()
+    assert sorted(orders, key=orders.get) == ["ade847", "pc459", "ade150", "pc59", "voc20", "voc20b", "synthetic"]
 
 
 # ---------------------------------------------------------------------------------------------------- units
@@ -205,8 +217,8 @@ def _row(**kw) -> pd.Series:
     ({"note": "settings not published (PAS-20's used)"}, None, 16.7, ["settings"]),
 ])
 def test_compare_flags(kw, source_formula, ref, codes):
-    src = lb.Source("P", "paper table", "t", {"pc459": ref}, source_formula)
-    c = lb.compare(_row(**kw), src, 0.3)
+    src = published.Source("P", "paper table", "t", {"pc459": ref}, source_formula)
+    c = accuracy.compare(_row(**kw), src, 0.3)
     assert c.codes == codes and len(c.reasons) == len(codes)
 
 
@@ -222,18 +234,26 @@ def test_compare_flags(kw, source_formula, ref, codes):
     ("AMD EPYC 7B13", "cpu", "fp32", None),
 ])
 def test_datasheet_peaks(name, dtype, precision, expected):
-    assert lb.peak_gflops(pd.Series({"device_name": name, "device_type": dtype, "precision": precision}))[0] == expected
+    row = pd.Series({"device_name": name, "device_type": dtype, "precision": precision})
+    assert published.peak_gflops(row)[0] == expected
 
 
 def test_measured_peak_wins_and_floor_flags_impossible_latency():
     row = pd.Series({"device_name": "AMD EPYC", "device_type": "cpu", "precision": "fp32", "peak_gflops": 100.0})
-    assert lb.peak_gflops(row) == (100.0, "measured matmul peak, from the record")
-    runs = pd.DataFrame([{"key": "k", "status": "missing", "model": "san_b", "dataset": "ade150", "resolution": 640,
-                          "precision": "fp32", "device_name": "AMD EPYC", "device_type": "cpu", "peak_gflops": 100.0,
-                          "gflops_model": 350.0, "latency_ms_model_median": 2000.0, "timestamp": "t"}])
-    page = lb.Page(lb.prepare(runs, lb.published_figures(CONF)), pd.DataFrame(), {}, 0.3, {}, "x")
-    rows, peaks = lb.speed_rows(page, "AMD EPYC", {})
+    assert published.peak_gflops(row) == (100.0, "measured matmul peak, from the record")
+    rec = {"key": "k", "status": "missing", "model": "san_b", "dataset": "ade150", "resolution": 640,
+           "precision": "fp32", "device_name": "AMD EPYC", "device_type": "cpu", "peak_gflops": 100.0,
+           "gflops_model": 350.0, "latency_ms_model_median": 2000.0, "timestamp": "t"}
+    cat = published.catalog([rec], CONF)
+    page = tables.Page(tables.prepare(pd.DataFrame([rec]), cat.models), pd.DataFrame(), cat, 0.3, {}, "x")
+    rows = efficiency.speed_rows(page, "AMD EPYC", {})
     assert rows[0]["floor ms"] == "3 500" and rows[0]["median ms"] == "2 000.0 ⚠" and rows[0]["img/s"] == "0.500"
+    timed = dict(rec, gflops_timed_model=150.0)                            # a fast path: the floor counts what ran
+    page = tables.Page(tables.prepare(pd.DataFrame([timed]), cat.models), pd.DataFrame(), cat, 0.3, {}, "x")
+    rows = efficiency.speed_rows(page, "AMD EPYC", {})
+    assert rows[0]["floor ms"] == "1 500" and rows[0]["median ms"] == "2 000.0"
+    size = efficiency.compute_rows(page, {})
+    assert size[0]["GFLOPs (= 2 × GMACs)"] == "350" and size[0]["GFLOPs, timed path"] == "150"
 
 
 def _record(**kw) -> dict:
@@ -293,33 +313,92 @@ def test_cli_filter_values_scalar_or_list(tmp_path, args, expect):
     assert ("### mIoU at each model's own protocol resolution" in md) == ("resolution=448" not in args)
 
 
-def test_cpu_floor_from_the_cpu_speed_benchmark(tmp_path):
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _table_rows(section: str, first: str) -> list[list[str]]:
+    return [_cells(ln) for ln in section.splitlines() if ln.startswith(f"| {first}")]
+
+
+def test_each_speed_row_is_judged_against_its_own_peak(tmp_path):
+    """Two cells of one CPU and precision that measured different peaks: the header names no single peak, each row
+    shows the one its floor used; a contended cell (CV > 10 %) is flagged."""
     (tmp_path / "runs").mkdir()
-    cpu = {"device_type": "cpu", "device_name": "AMD EPYC 7B13", "driver": "", "gflops_model": 300.0,
-           "latency_ms_model_median": 4000.0, "latency_iters": 3, "latency_warmup": 1, "status": "missing"}
-    (tmp_path / "runs" / "a.json").write_text(json.dumps(_record(key="a", threads=2, **cpu)))
-    (tmp_path / "runs" / "b.json").write_text(json.dumps(_record(key="b", threads=4, resolution=448, **cpu)))
-    pd.DataFrame([{"cpu_model": "AMD EPYC 7B13", "peak_dtype": "fp32", "threads": 2, "peak_gflops": 150.0,
-                   "timestamp": "2026-11-24T08:00:00+00:00"},
-                  {"cpu_model": "AMD EPYC 7B13", "peak_dtype": "fp32", "threads": 2, "peak_gflops": 99.0,
-                   "timestamp": "2026-11-20T08:00:00+00:00"}]).to_csv(tmp_path / "cpu_speed.csv", index=False)
+    cpu = {"device_type": "cpu", "device_name": "AMD EPYC 7B13", "driver": "", "latency_iters": 3,
+           "latency_warmup": 1, "status": "missing", "gflops_model": 300.0, "latency_ms_model_median": 4000.0}
+    (tmp_path / "runs" / "a.json").write_text(json.dumps(_record(key="a", peak_gflops=150.0, **cpu)))
+    (tmp_path / "runs" / "b.json").write_text(json.dumps(_record(key="b", resolution=448, peak_gflops=61.5,
+                                                                 latency_model_cv=0.42, **cpu)))
     lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
     md = (tmp_path / "leaderboard.md").read_text()
-    assert "fp32: 150.0 GFLOP/s (measured matmul peak, cpu_speed.csv)" in md       # the newest run's peak
-    speed = md.split("### Speed and memory on AMD EPYC 7B13")[1].split("\n\n")[2]
-    assert "|          640 | fp32        |         2 |       – |      2 000 |" in speed
-    assert "|          448 | fp32        |         4 |       – |          – |" in speed   # other thread count
+    speed = md.split("### Speed and memory on AMD EPYC 7B13")[1].split("\n### ")[0]
+    assert "fp32: each row's own (column `peak`; 2 different measured peaks)" in speed
+    assert "150.0 GFLOP/s (measured" not in speed and "61.5 GFLOP/s (measured" not in speed
+    rows = {r[1]: r for r in _table_rows(speed, "SAN ViT-B/16")}
+    assert rows["640"][5:7] == ["150.0 GFLOP/s", "2 000"] and rows["448"][5:7] == ["61.5 GFLOP/s", "4 878"]
+    assert rows["448"][9] == "42.0 ⚠ contended" and rows["640"][9] == "–"
+    assert f"CV > {efficiency.CONTENDED_CV:.0%}" in md
 
 
-def test_cpu_speed_section_goes_into_the_unfiltered_page(tmp_path):
-    pytest.importorskip("bench.speed")
+def test_one_peak_per_precision_stays_in_the_header(built):
+    md = (built / "leaderboard.md").read_text()
+    amd = md.split("### Speed and memory on AMD EPYC 7B13")[1].split("\n### ")[0]
+    assert "fp32: 182.6 GFLOP/s (measured matmul peak, from the record)" in amd and "| peak " not in amd
+
+
+def _floor_part(md: str) -> str:
+    return md.split("## Speed against the compute floor")[1].split("\n## ")[0]
+
+
+def test_speed_against_the_compute_floor(built):
+    """The timing-only cells of the CPU speed sweep: one row per cell and scope with its own peak, published and
+    timed FLOPs as two labelled columns, targets judged on the interleaved ratio, contended timings flagged."""
+    md = (built / "leaderboard.md").read_text()
+    part = _floor_part(md)
+    assert "[Speed against the compute floor](#speed-against-the-compute-floor)" in md
+    assert "### Intel Xeon Platinum 8481C" in part and "AMD EPYC" not in part and "H100" not in part
+    header = next(ln for ln in part.splitlines() if ln.startswith("| model") and "scope" in ln)
+    cols = _cells(header)
+    assert cols[6:12] == ["crops", "GFLOPs", "GFLOPs, timed path", "peak", "floor ms", "median ms"]
+    rows = {(r[0], r[2], r[5]): dict(zip(cols, r)) for r in _table_rows(part, "S") if len(r) == len(cols)}
+    assert len(rows) == 8                                                  # 4 cells x 2 scopes
+    san = rows[("SAN ViT-B/16", "fp32", "model")]
+    assert (san["GFLOPs"], san["GFLOPs, timed path"], san["peak"]) == ("352", "339", "330.0 GFLOP/s fp32")
+    assert san["floor ms"] == "1 027" and san["× floor"] == "1.35" and san["× floor (interleaved)"] == "1.22"
+    assert san["target"] == "≤ 1.30 ✓" and san["timing"] == "ok"          # met on the interleaved ratio
+    assert rows[("SAN ViT-B/16", "bf16", "model")]["target"] == "≤ 1.60 ✗ missed"
+    assert rows[("SAN ViT-B/16", "bf16", "model")]["peak"] == "1.63 TFLOP/s bf16"
+    assert rows[("SAN ViT-L/14", "fp32", "end_to_end")]["timing"] == "⚠ contended"     # CV 12.8 %
+    scan = rows[("SCAN ViT-B/16", "amp_bf16", "end_to_end")]
+    assert scan["timing"] == "⚠ contended" and scan["× floor (interleaved)"] == "–"     # peak drift 31 %
+    assert scan["crops"] == "100" and scan["GFLOPs"] == scan["GFLOPs, timed path"] == "4 426"
+    per_cell = {r[0] + " " + r[2]: r for r in _table_rows(part, "S") if len(r) != len(cols)}
+    assert per_cell["SAN ViT-B/16 bf16"][7:9] == ["99.87 (37)", "99.61"]
+    assert per_cell["SAN ViT-B/16 bf16"][13] == "≥ 99.50% ✓"
+    assert per_cell["SCAN ViT-B/16 amp_bf16"][6] == "31.0 ⚠" and per_cell["SCAN ViT-B/16 amp_bf16"][7] == "99.21 (1)"
+    gap = next(json.loads(p.read_text())["gap_table"] for p in (FIXTURES / "runs").glob("*.json")
+               if json.loads(p.read_text()).get("compile") == "max-autotune")
+    assert f"[{gap}](runs/{gap})" in part
+    assert f"CV > {efficiency.CONTENDED_CV:.0%}" in part and f"more than {efficiency.CONTENDED_PEAK_DRIFT:.0%}" in part
+
+
+def test_timing_only_cells_are_neither_results_nor_missing(built):
+    md = (built / "leaderboard.md").read_text()
+    for part in (md.split("## Efficiency")[0], md.split("## Cells without a result")[1].split("## Provenance")[0],
+                 md.split("## Plots")[1].split("## Per-class")[0].split("### GMACs")[0]):
+        assert "Intel Xeon" not in part and "max-autotune" not in part
+    assert "4 timing only (evaluation off)" in md
+    assert "### Speed and memory on Intel Xeon Platinum 8481C" in md        # their speed still counts
+
+
+def test_no_floor_section_without_interleaved_timings(tmp_path):
     (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "a.json").write_text(json.dumps(_record(key="a")))
-    (tmp_path / "cpu_speed.md").write_text("## CPU speed\n\nsection written by make bench-cpu\n")
+    (tmp_path / "runs" / "a.json").write_text(json.dumps(_record(key="a", latency_ms_model_median=20.0,
+                                                                 gflops_model=350.0)))
     lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
-    lb.build_leaderboard(str(tmp_path), "leaderboard-h100.md", {"device": "h100"}, conf_dir=CONF)
-    assert "section written by make bench-cpu" in (tmp_path / "leaderboard.md").read_text()
-    assert "section written by make bench-cpu" not in (tmp_path / "leaderboard-h100.md").read_text()
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "compute floor](#" not in md and "## Speed against the compute floor" not in md
 
 
 def test_repeatability_spread_across_repeated_runs(tmp_path):
@@ -361,3 +440,98 @@ def test_harness_overhead_is_evaluation_over_model_only(tmp_path):
     assert len(row) == 1
     assert [c.strip() for c in row[0].strip("|").split("|")][5:] == ["8", "512", "1.90", "2.00", "95.0%"]
     assert "### Repeatability" not in md
+
+
+# ---------------------------------------------------------------------------------------------------- records in
+def test_published_figures_and_order_come_from_the_records(tmp_path):
+    """A model whose config lives outside conf/ gets its published figures and place from its records; a record
+    without those fields (written before they existed) falls back to the model's YAML in conf_dir."""
+    (tmp_path / "runs").mkdir()
+    own = _record(key="own", model="dense_clip", model_display="Dense CLIP (ours)", mIoU=12.0, mIoU_current=12.0,
+                  mIoU_v06=12.0, model_order=5, dataset_order=30,
+                  published={"source": "our tech report, Table 2", "miou": {"ade150": 12.3}})
+    older = _record(key="older", model="dense_clip", model_display="Dense CLIP (old name)", mIoU=11.0,
+                    timestamp="2026-11-01T10:00:00+00:00", model_order=99,
+                    published={"source": "superseded", "miou": {"ade150": 99.0}})
+    san = _record(key="san")                                              # no published, no model_order
+    for rec in (own, older, san):
+        (tmp_path / "runs" / f"{rec['key']}.json").write_text(json.dumps(rec))
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    md = (tmp_path / "leaderboard.md").read_text()
+    matrix = md.split("### mIoU at each model's own protocol resolution, fp32")[1].split("\n\n")[1]
+    rows = [ln for ln in matrix.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
+    assert rows[0].startswith("| Dense CLIP (ours) ") and "12.0 / 12.3ᴾ (-0.3)" in rows[0]     # order 5 < 10
+    assert rows[1].startswith("| SAN ViT-B/16 ") and "**27.6** / 27.5ᴾ (+0.1)" in rows[1]     # from conf_dir
+    assert "Dense CLIP (ours) ᴾ (paper table): our tech report, Table 2" in md
+    assert "superseded" not in md and "99.0" not in md and "old name" not in md
+
+
+def test_a_corrupt_record_is_warned_about_by_name(tmp_path, caplog):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "good.json").write_text(json.dumps(_record(key="good")))
+    (tmp_path / "runs" / "cut.json").write_text(json.dumps(_record(key="cut"))[:200])   # truncated by hand
+    (tmp_path / "runs" / "list.json").write_text("[1, 2]")
+    (tmp_path / "runs" / ".tmp-123.json").write_text("{")                  # a write in flight: not a record yet
+    (tmp_path / "runs" / "good.timings.json").write_text("{}")             # a record's sidecar: not a record
+    with caplog.at_level("WARNING", logger="bench.board.tables"):
+        lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and all("\n" not in w for w in warned)
+    assert any(str(tmp_path / "runs" / "cut.json") in w and "not valid JSON" in w for w in warned)
+    assert any(str(tmp_path / "runs" / "list.json") in w and "not a cell record" in w for w in warned)
+    assert "1 record:" in (tmp_path / "leaderboard.md").read_text()
+
+
+def test_cells_without_a_result_on_a_fresh_clone_fit_one_screen(tmp_path):
+    """The default page of a fresh clone: 5 models x 6 datasets, no checkpoint and no data anywhere (30 cells)."""
+    (tmp_path / "runs").mkdir()
+    models = {"san_b": "san_vit_b_16.pth", "san_l": "san_vit_large_14.pth", "simseg": "simseg.pth",
+              "scan_l": "SCAN.pth", "scan_b": "SCAN-vitB.pth"}
+    datasets = ["ade847", "pc459", "ade150", "pc59", "voc20", "voc20b"]
+    for m, ckpt in models.items():
+        for d in datasets:
+            rec = _record(key=f"{m}-{d}", model=m, model_display=m, dataset=d, dataset_display=d, status="missing",
+                          reason=f"no checkpoint at weights/{ckpt}; no dataset at datasets/{d}/labels")
+            (tmp_path / "runs" / f"{m}-{d}.json").write_text(json.dumps(rec))
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    section = (tmp_path / "leaderboard.md").read_text().split("## Cells without a result")[1].split("\n## ")[0]
+    assert len(section.strip().splitlines()) <= 30
+    assert "30 cells without a result" in section and "| status " not in section      # no per-cell rows
+    for m, ckpt in models.items():
+        assert re.search(rf"\| `weights/{re.escape(ckpt)}` +\| +6 \| `make weights MODEL={m}` +\|", section), m
+    for d in datasets:
+        assert re.search(rf"\| `datasets/{d}/labels` +\| +5 \| `python -m bench.data.prepare dataset={d} ", section)
+
+
+def _run_cli(results: Path, **popen) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "bench.leaderboard", f"results_dir={results}", f"conf_dir={CONF}"],
+                          capture_output=True, text=True, env=env, timeout=300, **popen)
+
+
+def _no_room():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))   # every write fails: a full disk
+
+
+@pytest.mark.parametrize("how", ["read-only", "full disk"])
+def test_an_unwritable_results_dir_is_one_line_and_nonzero(tmp_path, how):
+    results = _results(tmp_path)
+    before = sorted(p.name for p in results.rglob("*"))
+    if how == "read-only":
+        results.chmod(0o555)
+        if os.access(results, os.W_OK):                                    # root ignores the mode
+            results.chmod(0o755)
+            pytest.skip("running as root: a read-only folder is still writable")
+        out = _run_cli(results)
+        results.chmod(0o755)
+    else:
+        out = _run_cli(results, preexec_fn=_no_room)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {results}/runs.csv: ") and "results_dir=" in err[0]
+    assert sorted(p.name for p in results.rglob("*")) == before            # no temp file, nothing half-written

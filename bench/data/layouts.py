@@ -61,7 +61,7 @@ class DatasetSpec:
     void_reweight: bool = False
     generate: bool = False
     synth: Mapping[str, Any] = field(default_factory=dict)
-    order: int = 1000                      # position on the leaderboard
+    order: int | None = None          # place in the leaderboard's tables (bench.board); no effect on a result
 
     @property
     def layouts(self) -> tuple[Layout, ...]:
