@@ -44,7 +44,7 @@ build_count = 3
 
 @pytest.fixture
 def user_pkg(tmp_path, monkeypatch) -> str:
-    """An importable package `<name>`: `<name>.models` (builders), `<name>.broken` and `<name>.raises` (fail on import)."""
+    """An importable package: `<name>.models` (builders), `<name>.broken` and `<name>.raises` (fail on import)."""
     name = f"userpkg_{tmp_path.name.replace('-', '_')}"
     pkg = tmp_path / name
     pkg.mkdir()
@@ -86,8 +86,9 @@ def test_dotted_path_builds_the_model_with_kwargs(user_pkg):
 
 def test_dotted_path_errors_are_one_line_and_name_the_path(user_pkg):
     fails("no_such_package_xyz.models:build", "cannot import module 'no_such_package_xyz.models'", "PYTHONPATH")
+    fails(f"{user_pkg}.missing:build", f"cannot import module '{user_pkg}.missing'",
+          f"no module named '{user_pkg}.missing'")
     # an import error inside the user's module names what is missing
-    fails(f"{user_pkg}.missing:build", f"cannot import module '{user_pkg}.missing'", f"no module named '{user_pkg}.missing'")
     fails(f"{user_pkg}.broken:build", f"importing module '{user_pkg}.broken' failed",
           "a_dependency_that_is_not_installed", "install what it needs")
     fails(f"{user_pkg}.raises:build", f"importing module '{user_pkg}.raises' failed (RuntimeError: no GPU here)")
