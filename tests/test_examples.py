@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
 from bench.records import load_records
@@ -47,6 +49,31 @@ def test_the_example_builder_passes_check_model(monkeypatch):
     assert type(model).__name__ == "DenseCLIP" and model.protocol.size_divisibility == 16
     measured = check_model(model, short_side=120)
     assert measured["permutation"] <= 1e-5 and measured["batch"] <= 1e-5
+
+
+def test_installed_the_example_registers_its_builder_by_name(tmp_path, monkeypatch):
+    """`pip install examples/dense_clip` (here into a folder put on sys.path) registers it as `dense_clip` through its
+    entry point (group ovseg_bench.models): listed, then built by name."""
+    pytest.importorskip("setuptools", reason="building the example's wheel offline needs setuptools in the venv")
+    from bench.models import create_model, list_models, registry
+
+    shutil.copytree(EXAMPLE, tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+           "--target", str(tmp_path / "site"), str(tmp_path / "src")]
+    out = subprocess.run(pip, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(registry, "_entry_points", None)
+    for name in [m for m in sys.modules if m.startswith("dense_clip_baseline")]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        assert "dense_clip" in list_models()
+        model = create_model("dense_clip", **TINY)
+        assert type(model).__name__ == "DenseCLIP"
+        assert sys.modules["dense_clip_baseline"].__file__.startswith(str(tmp_path / "site"))
+    finally:  # forget the installed copy (monkeypatch then restores any earlier import)
+        for name in [m for m in sys.modules if m.startswith("dense_clip_baseline")]:
+            del sys.modules[name]
 
 
 def test_the_example_runs_through_a_sweep_to_a_leaderboard_row(tmp_path):

@@ -167,7 +167,6 @@ def check_model(model: OVSegModel, class_names: list[str] | None = None, image_s
             return _check(model, names, image_size, own_padding, rtol, seed)
     finally:
         model.protocol.short_side, model.protocol.max_size = saved
-        model.encode_vocabulary(names)
 
 
 def _check(model: OVSegModel, names: list[str], image_size, own_padding: bool, rtol: float, seed: int) -> dict:
