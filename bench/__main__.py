@@ -74,12 +74,15 @@ def _main(cfg: DictConfig) -> str:
 
         rec = run_cell(cfg)
     with open(os.path.join(hc.runtime.output_dir, "cell_status.json"), "w") as f:
-        json.dump({"key": rec["key"], "status": rec["status"], "reason": rec.get("reason", "")}, f)
+        json.dump({"key": rec["key"], "status": "error" if rec.get("rerun_failed_now") else rec["status"],
+                   "reason": rec.get("rerun_failed") or rec.get("reason", "")}, f)
     if not multirun:
         from bench.leaderboard import build_leaderboard
 
         build_leaderboard(cfg.results_dir)
         code = {"ok": EXIT_OK, "missing": EXIT_MISSING}.get(rec["status"], EXIT_ERROR)
+        if rec.get("rerun_failed_now"):
+            code = EXIT_ERROR   # the kept record is an older result, not this run's
         if code:
             sys.exit(code)
     return rec["status"]

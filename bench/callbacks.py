@@ -21,7 +21,7 @@ class RebuildLeaderboard(Callback):
             with open(path) as f:
                 statuses.append(json.load(f))
         build_leaderboard(config.results_dir)
-        failed = [s for s in statuses if s["status"] == "error"]
+        failed = [s for s in statuses if s["status"] in ("error", "busy")]
         print(f"sweep: {len(statuses)} cells, {len(failed)} failed; leaderboard rebuilt in {config.results_dir}/")
         if failed:
             sys.stdout.flush()

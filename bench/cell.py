@@ -6,6 +6,7 @@ that says where it was expected, so a sweep goes on and nothing computed earlier
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from bench import BenchError, records
+from bench import BenchError, fingerprint, records
 from bench import config as bench_config
 from bench import precision as precision_mod
 from bench import profile as prof
@@ -492,17 +493,53 @@ def _finish_crop_figures(cfg: DictConfig, rec: dict, mean_crops: float | None) -
         rec.update(prof.add_floor(rec, rec["peak_gflops"]))
 
 
-def run_cell(cfg: DictConfig) -> dict:
-    """Run one cell (or skip it when its ok record exists) and write its record atomically."""
+def input_fingerprints(cfg: DictConfig) -> dict:
+    """The inputs an evaluation cell reads, as they are on disk now: the checkpoint (size, mtime, sha256 cached by
+    size + mtime) and the dataset (image count, hash of the file list). Efficiency-only cells read neither."""
+    out: dict = {"checkpoint": None, "dataset": None}
+    if not cfg.evaluate:
+        return out
+    ckpt = os.path.join(cfg.weights_dir, cfg.model.checkpoint.file)
+    if not cfg.synthesize_weights and os.path.isfile(ckpt):
+        out["checkpoint"] = fingerprint.checkpoint_fingerprint(ckpt, os.path.join(cfg.results_dir, "cache"))
+    if not dataset_absent(cfg):
+        try:
+            pairs = build_dataset(cfg.dataset, cfg.data_root).pairs
+        except BenchError:
+            return out   # a wrong layout: the cell itself reports it
+        out["dataset"] = fingerprint.dataset_fingerprint([str(p) for pair in pairs for p in pair], root=cfg.data_root,
+                                                         n_images=len(pairs))
+    return out
+
+
+def _label(rec: dict) -> str:
+    return f"{rec['model']}/{rec['dataset']}@{rec['resolution']} {rec['precision']}"
+
+
+def run_cell(cfg: DictConfig, locked: bool = False) -> dict:
+    """Run one cell, or skip it when its ok record exists and names the inputs present now; write its record
+    atomically. A failed recompute (forced, or of a stale cell) keeps the last ok record, with the failure noted
+    in it (`rerun_failed`). `locked`: the caller holds the cell's lock (run_cell_isolated)."""
     cfg = bench_config.plain(cfg)
     c = resolved_config(cfg)
     key = records.cell_key(c)
+    with contextlib.nullcontext() if locked or not is_rank_zero() else records.cell_lock(cfg.results_dir, key):
+        return _run_cell_locked(cfg, c, key)
+
+
+def _run_cell_locked(cfg: DictConfig, c: dict, key: str) -> dict:
     path = records.record_path(cfg.results_dir, key)
-    if not cfg.force and records.is_done(cfg.results_dir, key):
-        rec = records.read_record(path)
-        print(f"[skip] {rec['model']}/{rec['dataset']}@{rec['resolution']} {rec['precision']}: done ({path})")
-        return rec
+    previous = records.read_record(path)
+    previous_ok = previous if previous is not None and previous.get("status") == records.STATUS_OK else None
+    inputs = input_fingerprints(cfg)
+    if previous_ok is not None and not cfg.force:
+        change = fingerprint.describe_change(previous_ok.get("inputs") or {}, inputs)
+        if not change:
+            print(f"[skip] {_label(previous_ok)}: done ({path})")
+            return previous_ok
+        print(f"[recompute] {_label(previous_ok)}: {change}")
     rec = base_record(c, key)
+    rec["inputs"] = inputs
     timings: dict = {}
     try:
         timings = _run(cfg, rec) or {}
@@ -515,6 +552,8 @@ def run_cell(cfg: DictConfig) -> dict:
         rec["traceback"] = traceback.format_exc(limit=8)
     if not is_rank_zero():
         return rec  # torchrun: only rank 0 writes the (identical) record
+    if previous_ok is not None and rec["status"] != records.STATUS_OK:
+        return keep_previous(path, previous_ok, rec)
     gap_text = rec.pop("gap_table_text", None)
     if gap_text:
         rec["gap_table"] = f"{key}.gap.txt"
@@ -524,6 +563,15 @@ def run_cell(cfg: DictConfig) -> dict:
     records.atomic_write_json(path, rec)   # last: an ok record means everything beside it is written
     print(summary_line(rec))
     return rec
+
+
+def keep_previous(path: str, previous_ok: dict, failed: dict) -> dict:
+    """A recompute that failed never replaces a result: the ok record stays, with the failure written into it."""
+    kept = dict(previous_ok, rerun_failed=f"{failed['status']}: {failed.get('reason', '')}",
+                rerun_failed_at=failed.get("timestamp") or records.provenance(torch.device("cpu"))["timestamp"])
+    records.atomic_write_json(path, kept)
+    print(f"[kept] {_label(kept)}: rerun failed ({kept['rerun_failed']}); the last ok record is kept ({path})")
+    return dict(kept, rerun_failed_now=True)   # not written: tells the entry point this run produced no result
 
 
 def summary_line(rec: dict) -> str:
@@ -555,22 +603,51 @@ def run_cell_isolated(cfg: DictConfig, job_num: int) -> dict:
     c = resolved_config(cfg)
     key = records.cell_key(c)
     env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(c, f)
-    try:  # a plain child process: works the same under every launcher (basic, joblib/loky, submitit, torchrun)
-        proc = subprocess.run([sys.executable, "-m", "bench.cell", f.name], env=env)
+    path = records.record_path(cfg.results_dir, key)
+    try:
+        lock = records.cell_lock(cfg.results_dir, key)
+        lock.__enter__()
+    except BenchError as e:   # another sweep computes this cell now: report it, write nothing
+        rec = dict(base_record(c, key), status="busy", reason=str(e))
+        print(f"[busy] {_label(rec)}: {e}")
+        return rec
+    try:
+        before = records.read_record(path)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(c, f)
+        try:  # a plain child process: works the same under every launcher (basic, joblib/loky, submitit, torchrun)
+            proc = subprocess.run([sys.executable, "-m", "bench.cell", f.name], env=env, preexec_fn=_die_with_parent)
+        finally:
+            os.unlink(f.name)
+        rec = records.read_record(path)
+        if proc.returncode != 0 and rec is not None and rec != before and rec.get("rerun_failed"):
+            return dict(rec, rerun_failed_now=True)
+        if proc.returncode != 0 and (rec is None or rec == before):   # died before writing: never silent
+            failed = dict(base_record(c, key), status=records.STATUS_ERROR,
+                          reason=f"cell process died with exit code {proc.returncode} (killed or out of memory?)")
+            if before is not None and before.get("status") == records.STATUS_OK:
+                return keep_previous(path, before, failed)
+            records.atomic_write_json(path, failed)
+            print(f"[error] {_label(failed)}: {failed['reason']}")
+            rec = failed
+        return rec
     finally:
-        os.unlink(f.name)
-    rec = records.read_record(records.record_path(cfg.results_dir, key))
-    if rec is None or proc.returncode != 0 and rec.get("status") != "ok":  # died before writing: never silent
-        rec = base_record(c, key)
-        rec["status"] = records.STATUS_ERROR
-        rec["reason"] = f"cell process died with exit code {proc.returncode} (killed or out of memory?)"
-        records.atomic_write_json(records.record_path(cfg.results_dir, key), rec)
-        print(f"[error] {rec['model']}/{rec['dataset']}@{rec['resolution']}: {rec['reason']}")
-    return rec
+        lock.__exit__(None, None, None)
+
+
+def _die_with_parent() -> None:
+    """In the cell's child process: be killed when the sweep process dies (Linux PR_SET_PDEATHSIG), so a killed
+    sweep never leaves its cell computing beside the rerun."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":  # `python -m bench.cell CONFIG.json`: the child of run_cell_isolated
     with open(sys.argv[1]) as fh:
-        run_cell(OmegaConf.create(json.load(fh)))
+        done = run_cell(OmegaConf.create(json.load(fh)), locked=True)   # the parent holds the cell's lock
+    sys.exit(0 if done["status"] == records.STATUS_OK and not done.get("rerun_failed_now") else 1)

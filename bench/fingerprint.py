@@ -76,16 +76,17 @@ def checkpoint_fingerprint(path: str, cache_dir: str | None = None) -> dict[str,
     return {"file": path, **entry}
 
 
-def dataset_fingerprint(files: Sequence[str], root: str | None = None) -> dict[str, Any]:
+def dataset_fingerprint(files: Sequence[str], root: str | None = None, n_images: int | None = None) -> dict[str, Any]:
     """{root, n_images, list_sha256}: sha256 over the sorted names relative to `root` (default: the files'
-    common folder), each with its size in bytes. Pass the label files too to cover them (n_images is len(files))."""
+    common folder), each with its size in bytes. Pass the label files too to cover them, with `n_images` the number
+    of images (default len(files))."""
     paths = [os.path.abspath(p) for p in files]
     if root is None:
         root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
     h = hashlib.sha256()
     for rel, size in sorted((os.path.relpath(p, root).replace(os.sep, "/"), os.path.getsize(p)) for p in paths):
         h.update(f"{rel}\t{size}\n".encode())
-    return {"root": root, "n_images": len(paths), "list_sha256": h.hexdigest()}
+    return {"root": root, "n_images": len(paths) if n_images is None else n_images, "list_sha256": h.hexdigest()}
 
 
 def _short(sha: str | None) -> str:

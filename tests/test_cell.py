@@ -169,3 +169,50 @@ def test_gpu_cell_matches_cpu_cell(tmp_path):
                             "profile.throughput_batch=2"))
     assert gpu["status"] == "ok" and gpu["timer"] == "cuda_events" and gpu["device_type"] == "cuda"
     assert abs(gpu["mIoU"] - cpu["mIoU"]) < 0.5 and gpu["throughput_img_s"] > 0
+
+
+def _copy_weights(src_folder, tmp_path, name="weights_live"):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "san_vit_b_16.pth").write_bytes((src_folder / "san_vit_b_16.pth").read_bytes())
+    return folder
+
+
+def test_failed_forced_rerun_keeps_the_ok_record(tmp_path, san_checkpoint):
+    """force=true with a broken checkpoint: the ok record stays (the failure noted in it), the run says it failed."""
+    weights = _copy_weights(san_checkpoint, tmp_path)
+    rec = run_cell(make_cfg(tmp_path, f"weights_dir={weights}", "profile.enabled=false"))
+    assert rec["status"] == "ok"
+    data = (weights / "san_vit_b_16.pth").read_bytes()
+    (weights / "san_vit_b_16.pth").write_bytes(data[: len(data) // 3])
+    again = run_cell(make_cfg(tmp_path, f"weights_dir={weights}", "profile.enabled=false", "force=true"))
+    assert again["rerun_failed_now"] is True and again["status"] == "ok"
+    kept = load_records(str(tmp_path / "results"))
+    assert len(kept) == 1 and kept[0]["mIoU"] == rec["mIoU"] and kept[0]["rerun_failed"].startswith("error: ")
+    assert "rerun_failed_now" not in kept[0]
+
+
+def test_stale_cells_are_recomputed_with_the_reason(tmp_path, san_checkpoint, capsys):
+    """A replaced checkpoint or a dataset with other files is not skipped as done: the cell is recomputed and
+    the line says why; unchanged inputs are skipped."""
+    weights = _copy_weights(san_checkpoint, tmp_path)
+    args = (f"weights_dir={weights}", "profile.enabled=false")
+    first = run_cell(make_cfg(tmp_path, *args))
+    assert first["inputs"]["checkpoint"]["sha256"] == first["checkpoint_sha256"]
+    assert first["inputs"]["dataset"]["n_images"] == 4
+    run_cell(make_cfg(tmp_path, *args))
+    assert "[skip]" in capsys.readouterr().out
+    torch.manual_seed(1)
+    from bench.models import create_model
+
+    torch.save({"model": create_model("san_vit_b_16").state_dict()}, weights / "san_vit_b_16.pth")
+    second = run_cell(make_cfg(tmp_path, *args))
+    out = capsys.readouterr().out
+    assert "[recompute]" in out and "checkpoint" in out and "changed (sha256" in out
+    assert second["checkpoint_sha256"] != first["checkpoint_sha256"]
+    images = sorted((tmp_path / "data").rglob("*.jpg"))
+    images[-1].unlink()
+    next(p for p in (tmp_path / "data").rglob("*.png") if p.stem == images[-1].stem).unlink()
+    third = run_cell(make_cfg(tmp_path, *args))
+    assert "dataset now has 3 images, record has 4" in capsys.readouterr().out
+    assert third["images_evaluated"] == 3
