@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 
 from bench import BenchError
+from bench.cli import error, parse_overrides
 from bench.data.layouts import DatasetSpec, Layout, layout_family, layout_status, resolve_data_root, spec_from_cfg
 
 log = logging.getLogger(__name__)
@@ -768,25 +769,8 @@ def prepare(dataset: str, src: str | os.PathLike, data_root: str | os.PathLike, 
 # command line
 
 
-_ARGS = {"dataset", "src", "data_root", "force", "images", "progress", "allow_unsafe_pickle", "pc59_source",
-         "anno_dir"}
-
-
-def parse_args(argv: list[str], allowed: set[str], usage: str) -> dict:
-    """Hydra-style key=value arguments (OmegaConf dotlist) -> dict; unknown keys fail in one line."""
-    from omegaconf import OmegaConf
-
-    for a in argv:
-        if "=" not in a or a.startswith("-"):
-            raise BenchError(f"argument {a!r}: use key=value ({usage})")
-    try:
-        args = OmegaConf.to_container(OmegaConf.from_dotlist(argv))
-    except Exception as e:  # noqa: BLE001 - grammar errors from OmegaConf
-        raise BenchError(f"cannot parse arguments {argv}: {e}".splitlines()[0]) from None
-    unknown = set(args) - allowed
-    if unknown:
-        raise BenchError(f"unknown argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-    return args  # type: ignore[return-value]
+_ARGS = {"dataset": str, "src": str, "data_root": str, "force": bool, "images": str, "progress": bool,
+         "allow_unsafe_pickle": bool, "pc59_source": str, "anno_dir": str}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -794,12 +778,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     usage = "dataset=ade150 src=RAW_DIR [data_root=DIR] [force=true] [images=copy|symlink]"
     try:
-        args = parse_args(argv, _ARGS, usage)
+        args, _ = parse_overrides(argv, _ARGS, usage)
         if not args.get("dataset"):
             raise BenchError(f"missing dataset=NAME ({'|'.join(DATASETS)}); usage: {usage}")
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     data_root = resolve_data_root(args)
     src = args.get("src") or data_root
     opts = {k: args[k] for k in ("allow_unsafe_pickle", "pc59_source", "anno_dir") if args.get(k) is not None}
@@ -807,14 +790,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = prepare(str(args["dataset"]), str(src), data_root, force=bool(args.get("force", False)),
                           images=str(args.get("images", "copy")), progress=bool(args.get("progress", True)), **opts)
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return error(e, 1)
     except OSError as e:
-        print(f"error: {e}; nothing was written", file=sys.stderr)
-        return 1
+        return error(f"{e}; nothing was written", 1)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return error("interrupted; nothing was written", 130)
     for note in summary.notes:
         print(f"note: {note}")
     print(summary.line())
