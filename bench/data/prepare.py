@@ -23,12 +23,16 @@ produced"); the id tables are data in `bench/data/prepare_tables/` with their so
   voc20b  the same with background 0 -> 20. CAT-Seg datasets/prepare_voc.py L15-77.
 
 Everything is written into a temporary folder under data_root and renamed into place at the end, so a failure
-(printed as one line) leaves nothing half-written. Only the standard library, numpy and PIL are needed: the .mat
-(MATLAB v5) reader, the COCO-RLE decoder and a restricted pickle loader are here. The one thing that can differ from
-the official output is ADE-847's *image* pixels when cv2 is not installed (see `resize_linear_u8`); labels are exact.
+(printed as one line) leaves nothing half-written. Only the standard library, numpy and PIL are needed. The .mat
+files are read with `scipy.io.loadmat` and the COCO RLEs decoded with `pycocotools.mask` (what the official scripts
+use) when those are installed (`pip install -e .[prepare]`), else with the MATLAB v5 reader and the RLE decoder
+here, which give the same labels (tests/test_prepare.py checks both routes on the synthetic raw files). A
+restricted pickle loader is here too. The one thing that can differ from the official output is ADE-847's *image*
+pixels when cv2 is not installed (see `resize_linear_u8`); labels are exact.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -268,12 +272,38 @@ def rle_decode(rle: dict) -> np.ndarray:
     return flat.reshape(w, h).T.copy()
 
 
+def optional_module(name: str):
+    """The module `name` (scipy.io, pycocotools.mask) if it is installed, else None (our own reader is used)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """A COCO RLE -> uint8 HxW mask: pycocotools.mask (the Detail API's decoder) when installed, else `rle_decode`."""
+    mask_api = optional_module("pycocotools.mask")
+    if mask_api is None:
+        return rle_decode(rle)
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, (list, tuple)):
+        if any(c < 0 for c in counts) or sum(counts) != h * w:
+            raise ValueError(f"RLE runs sum to {sum(counts)}, expected {h}x{w} = {h * w}")
+        compressed = mask_api.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w)
+    else:
+        compressed = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    with warnings.catch_warnings():   # pycocotools 2.0.x's __array__ use warns under numpy 2 (same values)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_api.decode(compressed)
+
+
 def detail_class_mask(anns: Iterable[dict], height: int, width: int) -> np.ndarray:
     """Detail.getMask(img) for a whole image: zeros, then each annotation's RLE painted with its category_id, in
     the given (file) order, later ones on top."""
     mask = np.zeros((height, width), dtype=np.int64)
     for ann in anns:
-        m = rle_decode(ann["segmentation"])
+        m = decode_rle(ann["segmentation"])
         if m.shape != mask.shape:
             raise ValueError(f"annotation {ann.get('id')} is {m.shape[1]}x{m.shape[0]}, the image {width}x{height}")
         mask[m != 0] = int(ann["category_id"])
@@ -337,6 +367,18 @@ def read_mat(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     walk(buf, 128)
     return out
+
+
+def load_mat(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Numeric variables of a .mat file: scipy.io.loadmat when installed, else `read_mat`; ValueError if unreadable."""
+    sio = optional_module("scipy.io")
+    if sio is None:
+        return read_mat(path)
+    try:
+        variables = sio.loadmat(path)
+    except (NotImplementedError, TypeError, sio.matlab.MatReadError) as e:    # v7.3 (HDF5), not a MAT-file
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    return {k: v for k, v in variables.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
 
 
 _PICKLE_ALLOWED = {
@@ -501,7 +543,7 @@ def _read_label_map(path: Path) -> np.ndarray:
     if not path.is_file():
         raise BenchError(f"Pascal-Context annotation {path} is missing; unpack trainval.tar.gz there or set anno_dir=")
     try:
-        variables = read_mat(path)
+        variables = load_mat(path)
     except (ValueError, zlib.error, struct.error) as e:
         raise BenchError(f"{path}: cannot read ({e})") from None
     if "LabelMap" not in variables:
