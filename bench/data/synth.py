@@ -243,7 +243,7 @@ def _raw_ade150(root: Path, n: int, seed: int) -> Path:
 def _raw_ade847(root: Path, n: int, seed: int) -> Path:
     import pickle
 
-    from bench.data.prepare import ade847_id_table
+    from bench.data.labelmaps import ade847_id_table
 
     rng = _raw_rng("ade847", seed)
     base = root / "ADE20K_2021_17_01"
@@ -277,7 +277,7 @@ def _raw_ade847(root: Path, n: int, seed: int) -> Path:
 def _raw_pascal_context(root: Path, n: int, seed: int) -> Path:
     import json
 
-    from bench.data.prepare import pc59_ids
+    from bench.data.labelmaps import pc59_ids
 
     rng = _raw_rng("pascal_context", seed)
     base = root / "VOCdevkit" / "VOC2010"
