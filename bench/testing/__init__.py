@@ -1,0 +1,1 @@
+"""Test support that ships with the package: the golden fixtures' fill rules (`bench.testing.fills`)."""
