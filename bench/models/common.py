@@ -8,6 +8,7 @@
     EmptyWeightCriterion    the one persistent buffer of the training criterion, `empty_weight`
     sine_position_embedding DETR's PositionEmbeddingSine(normalize=True) of an unmasked map
     mask_boxes              detectron2's `BitMasks.get_bounding_boxes` (through torchvision's `masks_to_boxes`)
+    IMAGENET_MEAN / _STD    detectron2's default pixel statistics (0..255)
 """
 from __future__ import annotations
 
@@ -137,6 +138,11 @@ def sine_position_embedding(x: torch.Tensor, num_feats: int, temperature: float 
     pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).to(x.dtype)
 
+
+# detectron2's default MODEL.PIXEL_MEAN / PIXEL_STD (ImageNet, 0..255, RGB): the segmenter input of SimSeg and SCAN
+# (zsseg.baseline and SCAN configs leave them at these values).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 _BOX_END = torch.tensor([0, 0, 1, 1])
 

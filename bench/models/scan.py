@@ -66,7 +66,8 @@ from torch import nn
 from bench.models.base import OVSegModel, Protocol
 from bench.models.clip import (CLIP_MEAN_FILL, VILD_TEMPLATES, CLIPModel, VisionTransformer, clip_pixel_buffers,
                                encode_with_templates)
-from bench.models.common import MLP, EmptyWeightCriterion, mask_boxes, sine_position_embedding
+from bench.models.common import (IMAGENET_MEAN, IMAGENET_STD, MLP, EmptyWeightCriterion, mask_boxes,
+                                 sine_position_embedding)
 from bench.models.pixel_decoder import MSDeformAttnPixelDecoder
 from bench.models.registry import register_model
 from bench.models.swin import SwinBackbone
@@ -76,8 +77,6 @@ from bench.models.swin import SwinBackbone
 IGNORED_PREFIXES: tuple[str, ...] = ("clip_adapter.clip_model.visual.cxt_decoder.",
                                      "clip_adapter.clip_model.visual.learnable_weight")
 
-SEG_MEAN = (123.675, 116.28, 103.53)             # configs/scan_vitL.yaml PIXEL_MEAN (Swin segmenter input)
-SEG_STD = (58.395, 57.12, 57.375)
 CLIP_SIZE = 224   # the CLIP input (global image and crops) uses OpenAI's statistics (bench.models.clip.CLIP_MEAN)
 
 @dataclass(frozen=True)
@@ -357,7 +356,8 @@ class SCAN(OVSegModel):
     IGNORED_PREFIXES = IGNORED_PREFIXES   # for load_checkpoint(ignore_prefixes=...)
 
     def __init__(self, cfg: SCANConfig = SCAN_L, protocol: Protocol | None = None, name: str = "scan"):
-        super().__init__(protocol or Protocol(pixel_mean=SEG_MEAN, pixel_std=SEG_STD))
+        # configs/scan_vitL.yaml PIXEL_MEAN / PIXEL_STD (the Swin segmenter's input): detectron2's ImageNet values
+        super().__init__(protocol or Protocol(pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD))
         self.cfg, self.name = cfg, name
         # children under the published state_dict's prefixes
         self.learnable_weight = nn.Parameter(torch.tensor([0.1]))

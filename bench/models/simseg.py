@@ -62,11 +62,10 @@ from torch import nn
 from bench import BenchError
 from bench.models.base import OVSegModel, Protocol
 from bench.models.clip import CLIP_MEAN_FILL, VILD_TEMPLATES, CLIPModel, clip_pixel_buffers, encode_with_templates
-from bench.models.common import MLP, ConvNorm, EmptyWeightCriterion, mask_boxes, sine_position_embedding
+from bench.models.common import (IMAGENET_MEAN, IMAGENET_STD, MLP, ConvNorm, EmptyWeightCriterion, mask_boxes,
+                                 sine_position_embedding)
 from bench.models.registry import register_model
 
-IMAGENET_MEAN = (123.675, 116.280, 103.530)  # MODEL.PIXEL_MEAN / PIXEL_STD (detectron2 defaults, 0..255, RGB)
-IMAGENET_STD = (58.395, 57.120, 57.375)
 TEMPERATURE = 100.0  # hard-coded in ClipAdapter.get_sim_logits (not CLIP's logit_scale)
 CROP_SIZE = 224
 
