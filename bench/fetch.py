@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Callable
 
 from bench import BenchError, __version__
+from bench.cli import error, parse_overrides
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SUMS_FILE = "SHA256SUMS"
-FETCH_KEYS = ("url", "sha256", "all", "check_layout")
+FETCH_KEYS = {"url": str, "sha256": str, "all": bool, "check_layout": bool}   # this command's own keys
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 
@@ -492,31 +493,11 @@ def _download(checkpoint: Mapping, file: str, final: str, part: str, size: int |
 # ---------------------------------------------------------------------------------------------------------------
 # Config and command line
 # ---------------------------------------------------------------------------------------------------------------
-def _parse_bool(key: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("true", "1", "yes", "on"):
-        return True
-    if v in ("false", "0", "no", "off"):
-        return False
-    raise BenchError(f"{key}={value}: expected true or false")
-
-
 def parse_args(argv: list[str]) -> tuple[list[str], dict]:
     """Split `key=value` arguments into Hydra overrides of conf/config.yaml and this command's own keys."""
-    overrides: list[str] = []
-    opts: dict = {"url": None, "sha256": None, "all": False, "check_layout": True}
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        bare = key.lstrip("+")
-        if bare in FETCH_KEYS:
-            if not eq:
-                raise BenchError(f"{arg}: expected {bare}=VALUE")
-            opts[bare] = _parse_bool(bare, value) if bare in ("all", "check_layout") else (value or None)
-        elif not eq and not key.startswith("~"):
-            raise BenchError(f"unexpected argument {arg!r}: arguments are key=value overrides ({USAGE})")
-        else:
-            overrides.append(arg)
-    return overrides, opts
+    opts, overrides = parse_overrides(argv, FETCH_KEYS, USAGE,
+                                      passthrough=lambda a: "=" in a or a.startswith("~"))
+    return overrides, {"url": None, "sha256": None, "all": False, "check_layout": True, **opts}
 
 
 def model_names() -> list[str]:
@@ -577,8 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError("url= and sha256= name one file: use them with model=NAME, not with all=true")
         cfgs = compose_configs(overrides, opts["all"])
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     failed = 0
     for cfg in cfgs:
         try:

@@ -1,8 +1,11 @@
-"""CLIP blocks: open_clip key layout, text truncation equivalence, pos-embed resize."""
+"""CLIP blocks: open_clip key layout (towers and the two-tower model), constants, text truncation equivalence,
+pos-embed resize."""
 import open_clip
 import torch
+from conftest import rel_err
 
-from bench.models.clip import TextTransformer, Transformer, VisionTransformer, resize_pos_embed, tokenize
+from bench.models.clip import (CLIP_MEAN, CLIP_MEAN_FILL, CLIP_STD, CLIPModel, TextTransformer, Transformer,
+                               VisionTransformer, clip_pixel_buffers, resize_pos_embed, tokenize)
 
 
 def test_vision_tower_keys_match_open_clip():
@@ -22,6 +25,29 @@ def test_vision_tower_matches_open_clip_numerically():
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_two_tower_model_keys_match_open_clip():
+    ours = CLIPModel(embed_dim=32, image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=4,
+                     text_width=32, text_layers=1, text_heads=2)
+    ref = open_clip.model.CLIP(32, open_clip.model.CLIPVisionCfg(layers=2, width=64, patch_size=16, image_size=32,
+                                                                 head_width=16),
+                               open_clip.model.CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2,
+                                                           layers=1))
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert float(ours.logit_scale.detach()) == float(ref.logit_scale.detach())
+
+
+def test_pixel_statistics_are_openai_s():
+    assert CLIP_MEAN == open_clip.constants.OPENAI_DATASET_MEAN and CLIP_STD == open_clip.constants.OPENAI_DATASET_STD
+    m = torch.nn.Module()
+    clip_pixel_buffers(m)
+    assert set(m.state_dict()) == {"pixel_mean", "pixel_std"} and m.pixel_mean.shape == (1, 3, 1, 1)
+    assert rel_err(m.pixel_std.flatten(), torch.tensor(CLIP_STD) * 255) == 0.0
+    # the crop fill is 255 x mean in double precision (as the official list comprehension), not the fp32 buffer
+    assert CLIP_MEAN_FILL == tuple(255.0 * c for c in CLIP_MEAN)
+    assert not torch.equal(m.pixel_mean.flatten(), torch.tensor(CLIP_MEAN_FILL))
 
 
 def test_text_truncation_after_eot_changes_nothing():

@@ -17,10 +17,12 @@ from bench import BenchError
 from bench.data import build_dataset, load_class_names, spec_from_cfg
 from bench.data.check import main as check_main
 from bench.data.layouts import detect_layout
-from bench.data.prepare import (_nn_index, ade150_label, ade847_id_table, ade847_label, ade847_target_size,
-                                ade_full_class_mask, detail_class_mask, load_index_pickle, main as prepare_main,
-                                pc59_ids, pc59_label, pc59_label_from_labelmap, pc459_label, prepare, read_mat,
-                                resize_linear_u8, resize_nearest, rle_counts_from_string, rle_decode, voc_label)
+from bench.data.labelmaps import (_nn_index, ade150_label, ade847_id_table, ade847_label, ade847_target_size,
+                                  ade_full_class_mask, pc59_ids, pc59_label, pc59_label_from_labelmap, pc459_label,
+                                  resize_linear_u8, resize_nearest, voc_label)
+from bench.data.prepare import main as prepare_main, prepare
+from bench.data.rawformats import (decode_rle, detail_class_mask, load_index_pickle, read_mat, rle_counts_from_string,
+                                   rle_decode)
 from bench.data.synth import load_dataset_cfg, rle_encode, synthesize_raw, write_mat_v5
 from bench.metrics import SemSegEvaluator
 
@@ -419,7 +421,7 @@ def test_corrupt_raw_file_leaves_nothing(raw, tmp_path, capsys):
 
 
 def test_commit_failure_rolls_back(raw, tmp_path, monkeypatch):
-    import bench.data.prepare as prep
+    import bench.data.rawformats as prep
 
     real_rename = prep.os.rename
 
@@ -492,3 +494,39 @@ def test_cli_arguments(capsys):
     assert check_main([]) == 2
     err = capsys.readouterr().err
     assert "use key=value" in err and "unknown argument(s) ['colour']" in err and "no converter" in err
+
+
+def test_decode_rle_forms_agree():
+    """decode_rle (pycocotools when installed) equals our decoder on compressed and uncompressed counts."""
+    rng = np.random.default_rng(7)
+    for _ in range(10):
+        m = (rng.random((rng.integers(1, 12), rng.integers(1, 12))) < 0.5).astype(np.uint8)
+        rle = rle_encode(m)
+        runs = rle_counts_from_string(rle["counts"])
+        for form in (rle, {"size": rle["size"], "counts": runs}):
+            assert (decode_rle(form) == m).all() and (rle_decode(form) == m).all()
+    with pytest.raises(ValueError, match="sum to"):
+        decode_rle({"size": [2, 2], "counts": [1, 2]})
+
+
+def test_scipy_and_pycocotools_routes_match_ours(raw, tmp_path, monkeypatch):
+    """With scipy.io and pycocotools installed, prepare reads the .mat files and the Detail RLEs with them; with
+    neither (our MATLAB v5 reader and RLE decoder) every prepared file is byte-identical."""
+    pytest.importorskip("scipy.io", reason="scipy is not installed (pip install -e .[prepare]): only our reader runs")
+    pytest.importorskip("pycocotools.mask", reason="pycocotools is not installed: only our RLE decoder runs")
+    import bench.data.rawformats as prep
+
+    used, original = [], prep.optional_module
+    monkeypatch.setattr(prep, "optional_module", lambda name: used.append(name) or original(name))
+    for name in ("pc59", "pc459"):
+        prepare(name, raw[name], tmp_path / "libraries", progress=False)
+    assert {"scipy.io", "pycocotools.mask"} <= set(used)
+    monkeypatch.setattr(prep, "optional_module", lambda name: None)
+    for name in ("pc59", "pc459"):
+        prepare(name, raw[name], tmp_path / "ours", progress=False)
+
+    def files(root: Path) -> dict:
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    libraries, ours = files(tmp_path / "libraries"), files(tmp_path / "ours")
+    assert len(ours) == 12 and libraries == ours           # 3 images + 3 labels per dataset

@@ -2,51 +2,34 @@
 invariants no fixture covers (non-square round trip, vocabulary permutation, synonym lists, batching, checkpoint
 keys).
 
-Fixtures under tests/fixtures/golden/ are copies of the shared golden set: `fill_reference.py` (the fill rule),
-the input image, and per variant `manifest.json` (every state_dict key) with `golden.npz` / `golden_scaled.npz`
+Fixtures under tests/fixtures/golden/ are copies of the shared golden set: `fill_reference.py` (the fill rule, as
+`bench.testing.fills.san_state_dict`), the input image, and per variant `manifest.json` (every state_dict key) with `golden.npz` / `golden_scaled.npz`
 (official outputs on the filled weights). Each full-size model is built once per module (`slow` for ViT-L/14).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import GOLDEN, arrays_over, load_filled, rel_err
 
 from bench import BenchError
 from bench.models import create_model
 from bench.models import san as san_module
 from bench.models.base import resize_uint8, shortest_edge_size
-from bench.models.checkpoint import load_checkpoint, load_state_dict_strict
+from bench.models.checkpoint import load_state_dict_strict
 from bench.models.clip import tokenize
+from bench.testing.fills import causal_mask
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 VOCAB = ["cat", "dog", "tree", "sky", "road"]
 OPTIONAL = ("criterion.empty_weight", "ov_classifier.attn_mask")
 # (state_dict keys, state elements incl. the two persistent buffers, CLIP output fed to the rec head)
 EXPECTED = {"san_vit_b_16": (442, 157_846_408, 9), "san_vit_large_14": (586, 436_681_096, 18)}
 VARIANTS = [pytest.param("san_vit_b_16", id="b16"),
             pytest.param("san_vit_large_14", id="l14", marks=pytest.mark.slow)]
-
-
-def _fill_reference():
-    spec = importlib.util.spec_from_file_location("san_fill_reference", GOLDEN / "fill_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fill_reference = _fill_reference()
-
-
-def rel_err(ref: np.ndarray, got: np.ndarray) -> float:
-    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    assert ref.shape == got.shape, (ref.shape, got.shape)
-    return float(np.abs(ref - got).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -67,14 +50,8 @@ def golden_runs(san, tmp_path_factory):
     last = EXPECTED[name][2]
     runs = {}
     for kind, scaled, wrap in (("golden", False, True), ("golden_scaled", True, False)):
-        state_dict = fill_reference.golden_state_dict(manifest, scaled=scaled)
-        path = tmp_path_factory.mktemp("san") / f"{name}_{kind}.pth"
-        torch.save({"model": state_dict} if wrap else state_dict, path)
-        del state_dict
-        try:
-            report = load_checkpoint(model, str(path))
-        finally:
-            path.unlink()
+        report = load_filled(model, "san", manifest, scaled, tmp_path_factory.mktemp("san") / f"{name}_{kind}.pth",
+                             wrap=wrap)
         with torch.inference_mode():
             text = model.encode_vocabulary(VOCAB)
             x, sizes = model.preprocess([image])
@@ -111,7 +88,7 @@ def test_state_dict_matches_published_layout(san):
     # the module defaults of the two buffers are the published values (they may be absent from a checkpoint)
     published_weight = torch.tensor(manifest["kept_buffers"]["criterion.empty_weight"])
     assert torch.equal(state["criterion.empty_weight"], published_weight)
-    assert torch.equal(state["ov_classifier.attn_mask"], fill_reference.causal_mask(77))
+    assert torch.equal(state["ov_classifier.attn_mask"], causal_mask(77))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
@@ -127,8 +104,7 @@ def test_golden_arrays(san, golden_runs, kind):
     assert set(names) == set(got)
     if kind == "golden":   # the plain bias is ~1e-9, below float noise: compared on the scaled fill only
         names.remove("attn_bias_q10")
-    errors = {k: rel_err(ref[k], got[k]) for k in names}
-    bad = {k: f"{e:.2e}" for k, e in errors.items() if not e <= 1e-4}
+    bad = arrays_over(ref, got, names, 1e-4)
     assert not bad, f"{name} {kind}: max|ref-ours|/max|ref| over 1e-4: {bad}"
 
 

@@ -2,7 +2,7 @@
 invariants no fixture covers (vocabulary permutation, shift determinism, crop-free images, batching, cost split).
 
 Fixtures (tests/fixtures/golden/scan_vit_l/, copies of the shared golden set): `fill_reference_scan.py` (the fill
-rules: rebuilds the filled state dicts from `manifest.json`), the 640x640 input image and four runs of the official
+rules that rebuild the filled state dicts from `manifest.json`, as `bench.testing.fills.scan_state_dict`), the 640x640 input image and four runs of the official
 code: `golden` (plain fill, mask_thr 0.5381), `golden_scaled` (scaled fill, mask_thr 0.55, w 0.75),
 `golden_scaled_shift` (+ replace_ratio 0.05 under seed 0) and `golden_scaled_void` (+ the A-847 void re-weighting).
 `tests/fixtures/scan_state_dict_keys.tsv` / `scan_b_state_dict_keys.tsv` list the official keys and shapes.
@@ -20,7 +20,6 @@ outputs with the same `ensemble_scores` that `forward` calls; a small-config tes
 from __future__ import annotations
 
 import gc
-import importlib.util
 import random
 from pathlib import Path
 
@@ -28,14 +27,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from conftest import FIXTURES, load_filled, rel_err, unpack_masks
 
 from bench import BenchError
-from bench.models.checkpoint import load_checkpoint, load_state_dict_strict
+from bench.models.checkpoint import load_state_dict_strict
+from bench.models.clip import VILD_TEMPLATES
+from bench.models.common import mask_boxes
 from bench.models.registry import create_model
-from bench.models.scan import (IGNORED_PREFIXES, LFM, SCAN, VILD_TEMPLATES, draw_shift, ensemble_scores,
-                               mask_boxes, semantic_scores, swin_relative_position_index)
+from bench.models.scan import IGNORED_PREFIXES, LFM, SCAN, draw_shift, ensemble_scores, semantic_scores
+from bench.models.swin import swin_relative_position_index
 
-FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden" / "scan_vit_l"
 VOCAB = ["cat", "dog", "tree", "sky", "road"]
 EXTRA_KEYS = {  # shapes are not published (issue #13); any tensor under these names must be ignored
@@ -54,23 +56,6 @@ SEGMENTER_ARRAYS = ("pred_masks_s4", "pred_masks_crop32", "query_embed_seg", "qu
     f"{p}{layer}_c64" for layer in (12, 18, 24) for p in ("orig_clip_tok", "lfm_out", "lfm_delta")) + tuple(
     f"orig_clip_cls{layer}" for layer in (1, 3, 5, 7, 9, 12, 18, 24))
 CROP_ARRAYS = ("region_embed", "clip_region_probs", "ensembled_c", "sem_seg_s8", "sem_seg_crop64")
-
-
-def _fill_reference():
-    spec = importlib.util.spec_from_file_location("scan_fill_reference", GOLDEN / "fill_reference_scan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fill_reference = _fill_reference()
-
-
-def rel_err(ref, got) -> float:
-    ref = np.asarray(ref, np.float64)
-    got = np.asarray(got.detach().cpu() if isinstance(got, torch.Tensor) else got, np.float64)
-    assert ref.shape == got.shape, (ref.shape, got.shape)
-    return float(np.abs(ref - got).max() / np.abs(ref).max())
 
 
 def read_keys(name: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -112,20 +97,13 @@ def image() -> np.ndarray:
 
 def load_golden_weights(model: SCAN, scaled: bool, tmp_dir: Path) -> None:
     """Filled state dict + the published file's unused keys -> {'model': sd} .pth -> load_checkpoint (strict)."""
-    sd = fill_reference.golden_state_dict(str(GOLDEN / "manifest.json"), scaled=scaled)
-    sd.update(EXTRA_KEYS)
-    path = tmp_dir / ("scan_scaled.pth" if scaled else "scan_plain.pth")
-    torch.save({"model": sd, "iteration": 0}, path)
-    del sd
-    gc.collect()
     with torch.no_grad():
         for p in model.parameters():    # so that every value checked below came from the file
             p.zero_()
-    try:
-        report = load_checkpoint(model, str(path), ignore_prefixes=IGNORED_PREFIXES)
-    finally:
-        path.unlink()
-        gc.collect()
+    path = tmp_dir / ("scan_scaled.pth" if scaled else "scan_plain.pth")
+    report = load_filled(model, "scan", GOLDEN / "manifest.json", scaled, path, extra=EXTRA_KEYS,
+                         ignore_prefixes=IGNORED_PREFIXES)
+    gc.collect()
     assert report.ignored_keys == sorted(EXTRA_KEYS) and len(report.sha256) == 64
 
 
@@ -146,7 +124,7 @@ def run_fixture(model: SCAN, image: np.ndarray, name: str) -> dict:
         ours = o["region_bin_masks"]
         res["mask224"] = o["region_masks224"][:, 0].numpy() > 0.5
         res["crops_first2"] = o["clip_crops"][:2].numpy()
-        official = torch.from_numpy(fill_reference.unpack_masks(ref))
+        official = torch.from_numpy(unpack_masks(ref, "region_bin_mask_packed", 640))
         if ours.shape == official.shape:
             diff = ours != official
             res["flipped_rows"] = torch.nonzero(diff.flatten(1).any(1)).flatten().tolist()
@@ -197,7 +175,7 @@ def check_golden(res: dict, name: str) -> dict[str, float]:
     # are threshold flips only
     np.testing.assert_array_equal(got["valid_query_idx"], ref["valid_query_idx"].astype(np.int64))
     np.testing.assert_array_equal(got["region_boxes"], ref["region_boxes"].astype(np.int64))
-    np.testing.assert_array_equal(res["mask224"], fill_reference.unpack_masks(ref, "region_mask224_packed", 224))
+    np.testing.assert_array_equal(res["mask224"], unpack_masks(ref, "region_mask224_packed", 224))
     assert res["flip_margin"] < 1e-5, f"{name}: a binary mask differs {res['flip_margin']:.2e} from the threshold"
     if 0 not in res["flipped_rows"] and 1 not in res["flipped_rows"]:
         errs["clip_crops_first2"] = rel_err(ref["clip_crops_first2"], res["crops_first2"])
@@ -329,13 +307,19 @@ def test_builders_protocol_settings_and_templates(tiny):
     assert tiny.protocol.pixel_mean == (123.675, 116.28, 103.53) and tiny.protocol.pixel_std == (58.395, 57.12, 57.375)
     assert (tiny.protocol.short_side, tiny.protocol.max_size, tiny.protocol.size_divisibility) == (640, 2560, 32)
     assert not tiny.training
-    assert tiny.settings_for("ade847") == dict(mask_thr=0.3, ensemble_weight=0.75, replace_ratio=0.15,
-                                               void_reweight=True)
+    # the official A-847 settings (scan_vitL.yaml comments) come from the configs, the one place they are kept
+    conf = Path(__file__).parents[1] / "conf"
+    a847 = OmegaConf.load(conf / "model" / "scan_l.yaml").dataset_settings.ade847
+    assert dict(a847) == dict(mask_thr=0.3, ensemble_weight=0.75, replace_ratio=0.15)
+    assert OmegaConf.load(conf / "dataset" / "ade847.yaml").void_reweight is True
     assert len(VILD_TEMPLATES) == 14 and VILD_TEMPLATES[1] == "This is a photo of a {}"
     with pytest.raises(BenchError, match="no setting"):
         tiny.configure(mask_threshold=0.5)
     idx = tiny.backbone.layers[0].blocks[0].attn.relative_position_index
-    assert torch.equal(idx, fill_reference.swin_relative_position_index(12)) and int(idx.max()) == 528
+    ws, tokens = 12, [(y, x) for y in range(12) for x in range(12)]       # token i = (row, col) in the window
+    by_hand = torch.tensor([[(yi - yj + ws - 1) * (2 * ws - 1) + (xi - xj + ws - 1) for yj, xj in tokens]
+                            for yi, xi in tokens])
+    assert torch.equal(idx, by_hand) and int(idx.max()) == 528
     assert torch.equal(swin_relative_position_index(12), idx)
 
 
@@ -363,7 +347,8 @@ def test_forward_outputs_and_round_trip(tiny):
     # boxes are detectron2's (x0, y0, x1 + 1, y1 + 1)
     m = torch.zeros(1, 10, 12, dtype=torch.bool)
     m[0, 2:5, 3:9] = True
-    assert mask_boxes(m).tolist() == [[3, 2, 9, 5]]
+    assert mask_boxes(m).tolist() == [[3, 2, 9, 5]] and mask_boxes(m).dtype == torch.int64
+    assert mask_boxes(m[:0]).shape == (0, 4)                       # no valid query: no box
 
 
 def test_vocabulary_permutation_permutes_scores(tiny):
@@ -500,7 +485,7 @@ def test_pure_bf16_and_autocast_give_finite_scores_close_to_fp32(tiny):
 def test_deformable_sampling_in_bf16_matches_fp32():
     """CPU `grid_sample` on a bf16 value map laid out as the pixel decoder's (a transposed view) returned NaN and
     garbage with torch 2.14.1; the core samples in fp32 and returns the caller's dtype."""
-    from bench.models.scan import ms_deform_attn_core
+    from bench.models.pixel_decoder import ms_deform_attn_core
 
     g = torch.Generator().manual_seed(0)
     shapes = [(8, 8), (16, 16)]

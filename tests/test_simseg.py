@@ -3,7 +3,7 @@ invariants no fixture covers (vocabulary permutation, synonym strings, non-squar
 images, cost split).
 
 Fixtures (tests/fixtures/golden/simseg/, copies of the shared golden set): `fill_reference_simseg.py` (the fill
-rule: rebuilds the filled state dicts from `manifest.json`), the 512×512 input image, `golden.npz` (plain fill:
+rule that rebuilds the filled state dicts from `manifest.json`, as `bench.testing.fills.simseg_state_dict`), the 512×512 input image, `golden.npz` (plain fill:
 degenerate region path, every crop the same) and `golden_scaled.npz` (ScaledVariant: 100 distinct crops), with their
 `*.run.json` (mask_thr 0.4, ensemble weight 0.5). `tests/fixtures/simseg_state_dict_keys.tsv` lists the 982 keys.
 
@@ -18,44 +18,31 @@ The model is built once for the module; the filled weights go through `load_chec
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FIXTURES, load_filled, rel_err, unpack_masks
 
 from bench import BenchError
 from bench.models import create_model, list_models
 from bench.models.base import resize_uint8, shortest_edge_size
 from bench.models.checkpoint import load_checkpoint, load_state_dict_strict
-from bench.models.clip import tokenize
-from bench.models.simseg import VILD_TEMPLATES, SimSeg, mask_boxes
+from bench.models.clip import VILD_TEMPLATES, tokenize
+from bench.models.common import mask_boxes
+from bench.models.simseg import SimSeg
 
-FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden" / "simseg"
 VOCAB = ["cat", "dog", "tree", "sky", "road"]
 N_KEYS, N_STATE, N_PARAMS = 982, 210_900_068, 210_688_449
 MASKFORMER_ARRAYS = ("mask_pred", "class_embed", "mask_cls_logits", "text_features", "res5_c64", "mask_features_c16")
 
 
-def _fill_reference():
-    spec = importlib.util.spec_from_file_location("simseg_fill_reference", GOLDEN / "fill_reference_simseg.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fill_reference = _fill_reference()
-
-
-def rel_err(ref, got) -> float:
-    ref = np.asarray(ref, np.float64)
-    got = np.asarray(got.detach().cpu() if isinstance(got, torch.Tensor) else got, np.float64)
-    assert ref.shape == got.shape, (ref.shape, got.shape)
-    return float(np.abs(ref - got).max() / np.abs(ref).max())
+def region_masks(npz) -> torch.Tensor:
+    """The official region classifier's binary masks (sigmoid > mask_thr), bool [100, 512, 512]."""
+    return torch.from_numpy(unpack_masks(npz, "region_bin_mask_packed"))
 
 
 def golden_view(out: dict, scores: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,14 +74,8 @@ def weights(model, tmp_path_factory):
     def use(variant: str) -> SimSeg:
         if current.get("variant") != variant:
             scaled = variant == "golden_scaled"
-            state_dict = fill_reference.golden_state_dict(GOLDEN / "manifest.json", scaled=scaled)
-            path = tmp_path_factory.mktemp("simseg") / f"{variant}.pth"
-            torch.save(state_dict if scaled else {"model": state_dict}, path)
-            del state_dict
-            try:
-                report = load_checkpoint(model, str(path))
-            finally:
-                path.unlink()
+            report = load_filled(model, "simseg", GOLDEN / "manifest.json", scaled,
+                                 tmp_path_factory.mktemp("simseg") / f"{variant}.pth", wrap=not scaled)
             assert report.ignored_keys == [] and report.absent_optional == [] and len(report.sha256) == 64
             current["variant"] = variant
         run = json.loads((GOLDEN / f"{variant}.run.json").read_text())
@@ -250,7 +231,7 @@ def test_golden_plain_maskformer(model, plain_run):
     assert np.array_equal(out["region_boxes"][0].numpy(), ref["region_boxes"])
     assert out["num_crops"] == [100] and out["clip_logits"] == [None]
     ours = model.mask_logits_at(out["mask_pred"][0], out["padded_size"], sizes[0]).sigmoid() > model.mask_thr
-    assert torch.equal(ours, torch.from_numpy(fill_reference.unpack_region_masks(ref)))
+    assert torch.equal(ours, region_masks(ref))
 
 
 @pytest.mark.slow
@@ -259,7 +240,7 @@ def test_golden_plain_region_path_and_ensemble(weights, plain_run):
     model = weights("golden")
     x, sizes, out, _ = plain_run
     ref = np.load(GOLDEN / "golden.npz")
-    masks = torch.from_numpy(fill_reference.unpack_region_masks(ref))
+    masks = region_masks(ref)
     assert bool((masks == masks[0]).all())
     with torch.inference_mode():
         region = model.classify_regions(model.recover_image(x[0], sizes[0]), masks[:2], out["text_features"])
@@ -295,7 +276,7 @@ def test_golden_scaled_region_path_on_official_masks(weights, scaled_run):
     model = weights("golden_scaled")
     x, sizes, out, _ = scaled_run
     ref = np.load(GOLDEN / "golden_scaled.npz")
-    masks = torch.from_numpy(fill_reference.unpack_region_masks(ref))
+    masks = region_masks(ref)
     text = out["text_features"]
     with torch.inference_mode():
         image = model.recover_image(x[0], sizes[0])

@@ -21,11 +21,12 @@ import numpy as np
 from PIL import Image
 
 from bench import BenchError
+from bench.cli import error, parse_overrides
 from bench.data.dataset import CheckReport, check_dataset
 from bench.data.layouts import DatasetSpec, detect_layout, load_class_names, resolve_data_root, spec_from_cfg
 
 _MODES = {8: {"L", "P"}, 16: {"I;16", "I;16L", "I;16B", "I;16N"}}
-_ARGS = {"dataset", "data_root", "max_images", "expect_images", "layout", "top"}
+_ARGS = {"dataset": str, "data_root": str, "max_images": int, "expect_images": int, "layout": str, "top": int}
 
 
 def label_modes(spec: DatasetSpec, data_root: str | Path, limit: int | None = None) -> tuple[Counter, list[str]]:
@@ -124,15 +125,13 @@ def run_check(cfg: dict, data_root: str, max_images: int | None = None, expect_i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.data.prepare import parse_args
     from bench.data.synth import load_dataset_cfg
 
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
     usage = "dataset=ade150 [data_root=DIR] [max_images=N] [expect_images=N] [layout=san|ovseg] [top=10]"
-    overrides = [a for a in argv if a.startswith("dataset.")]
     try:
-        args = parse_args([a for a in argv if not a.startswith("dataset.")], _ARGS, usage)
+        args, overrides = parse_overrides(argv, _ARGS, usage, passthrough=lambda a: a.startswith("dataset."))
         if not args.get("dataset"):
             raise BenchError(f"missing dataset=NAME; usage: {usage}")
         cfg: dict[str, Any] = load_dataset_cfg(str(args["dataset"]))
@@ -141,13 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 
             extra = OmegaConf.to_container(OmegaConf.from_dotlist([a[len("dataset."):] for a in overrides]))
             cfg.update(extra)  # type: ignore[arg-type]
-        ints = {k: int(args[k]) for k in ("max_images", "expect_images", "top") if args.get(k) is not None}
     except (BenchError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     try:
-        lines, problems = run_check(cfg, resolve_data_root(args), ints.get("max_images"), ints.get("expect_images"),
-                                    args.get("layout"), ints.get("top", 10))
+        lines, problems = run_check(cfg, resolve_data_root(args), args.get("max_images"), args.get("expect_images"),
+                                    args.get("layout"), args.get("top", 10))
     except BenchError as e:
         lines, problems = [], [str(e)]
     for line in lines:

@@ -23,348 +23,39 @@ produced"); the id tables are data in `bench/data/prepare_tables/` with their so
   voc20b  the same with background 0 -> 20. CAT-Seg datasets/prepare_voc.py L15-77.
 
 Everything is written into a temporary folder under data_root and renamed into place at the end, so a failure
-(printed as one line) leaves nothing half-written. Only the standard library, numpy and PIL are needed: the .mat
-(MATLAB v5) reader, the COCO-RLE decoder and a restricted pickle loader are here. The one thing that can differ from
-the official output is ADE-847's *image* pixels when cv2 is not installed (see `resize_linear_u8`); labels are exact.
+(printed as one line) leaves nothing half-written. Only the standard library, numpy and PIL are needed. The .mat
+files are read with `scipy.io.loadmat` and the COCO RLEs decoded with `pycocotools.mask` (what the official scripts
+use) when those are installed (`pip install -e .[prepare]`), else with our own MATLAB v5 reader and RLE decoder,
+which give the same labels (tests/test_prepare.py checks both routes on the synthetic raw files); those readers and
+the restricted pickle loader are in `bench.data.rawformats`, the pure label converters and id tables in
+`bench.data.labelmaps`. The one thing that can differ from the official output is ADE-847's *image*
+pixels when cv2 is not installed (see `resize_linear_u8`); labels are exact.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import pickle
 import shutil
-import struct
 import sys
 import tempfile
-import warnings
-import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
 from bench import BenchError
+from bench.cli import error, parse_overrides
+from bench.data.labelmaps import (TABLES_DIR, ade150_label, ade847_label, ade847_target_size, ade_full_class_mask,
+                                  pc59_label, pc59_label_from_labelmap, pc459_label, resize_linear_u8, resize_nearest,
+                                  voc_label)
 from bench.data.layouts import DatasetSpec, Layout, layout_family, layout_status, resolve_data_root, spec_from_cfg
+from bench.data.rawformats import detail_class_mask, load_index_pickle, load_mat
 
 log = logging.getLogger(__name__)
-
-TABLES_DIR = Path(__file__).with_name("prepare_tables")
 DATASETS = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# id tables (data files with their sources in the header)
-
-
-def _read_table(name: str) -> list[tuple[int, int, str]]:
-    rows = []
-    for line in (TABLES_DIR / name).read_text(encoding="utf-8").splitlines():
-        if line and not line.startswith("#"):
-            a, b, n = line.split("\t")
-            rows.append((int(a), int(b), n))
-    return rows
-
-
-@lru_cache(maxsize=None)
-def ade847_id_table() -> dict[int, int]:
-    """ADE20K_2021_17_01 object id -> A-847 trainId (MaskFormer's 847-entry table)."""
-    return {ade_id: train_id for train_id, ade_id, _ in _read_table("ade847_ade_ids.tsv")}
-
-
-@lru_cache(maxsize=None)
-def pc59_ids() -> tuple[int, ...]:
-    """The 59 Pascal-Context / Detail category ids in label order (sorted; label k = k-th id)."""
-    return tuple(pc_id for _, pc_id, _ in _read_table("pc59_detail_ids.tsv"))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# pure converters: raw array -> prepared label array
-
-
-def ade150_label(raw: np.ndarray) -> np.ndarray:
-    """ADEChallengeData2016 annotation (uint8, 0 = other, 1..150 classes) -> class - 1 on uint8 (0 wraps to 255)."""
-    if raw.dtype != np.uint8 or raw.ndim != 2:
-        raise ValueError(f"expected a single-channel uint8 annotation, got {raw.dtype} {raw.shape}")
-    return raw - np.uint8(1)
-
-
-def ade_full_class_mask(seg: np.ndarray) -> np.ndarray:
-    """ADE20K full `*_seg.png` (RGB) -> object class id int32 = int(R / 10) * 256 + G."""
-    if seg.ndim != 3 or seg.shape[2] < 2:
-        raise ValueError(f"expected an RGB *_seg.png, got shape {seg.shape}")
-    r = seg[:, :, 0].astype(np.int32)
-    g = seg[:, :, 1].astype(np.int32)
-    return (r // 10) * 256 + g
-
-
-def ade847_label(class_mask: np.ndarray) -> np.ndarray:
-    """Object class ids -> uint16 trainIds through the 847-entry table; every other id (0 included) -> 65535."""
-    table = ade847_id_table()
-    lut = np.full(max(int(class_mask.max(initial=0)), max(table)) + 1, 65535, dtype=np.uint16)
-    for ade_id, train_id in table.items():
-        lut[ade_id] = train_id
-    return lut[class_mask]
-
-
-def ade847_target_size(h: int, w: int, max_size: int = 512) -> tuple[int, int] | None:
-    """(h, w) after MaskFormer's resize (short side -> 512 when it is > 512; Python round), or None."""
-    if w >= h > max_size:
-        return max_size, round(w / float(h) * max_size)
-    if h >= w > max_size:
-        return round(h / float(w) * max_size), max_size
-    return None
-
-
-def _nn_index(src: int, dst: int) -> np.ndarray:
-    # cv2 resizeNN: sx = floor(x * (1 / (dst / src))), clipped to src - 1 (double arithmetic)
-    inv = 1.0 / (float(dst) / float(src))
-    return np.minimum(np.floor(np.arange(dst, dtype=np.float64) * inv).astype(np.int64), src - 1)
-
-
-def resize_nearest(a: np.ndarray, h: int, w: int) -> np.ndarray:
-    """cv2.resize(a, (w, h), interpolation=INTER_NEAREST), index for index."""
-    return a[_nn_index(a.shape[0], h)[:, None], _nn_index(a.shape[1], w)[None, :]]
-
-
-def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # cv2 resizeGeneric (INTER_LINEAR): fx = float((d + 0.5) * scale - 0.5), sx = floor, edge-clamped; 11-bit weights
-    scale = 1.0 / (float(dst) / float(src))
-    f = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
-    s = np.floor(f).astype(np.int64)
-    f = (f - s.astype(np.float32)).astype(np.float32)
-    low = s < 0
-    f[low], s[low] = 0, 0
-    high = s >= src - 1
-    f[high], s[high] = 0, src - 1
-    a0 = np.rint((np.float32(1) - f) * np.float32(2048)).astype(np.int64)
-    a1 = np.rint(f * np.float32(2048)).astype(np.int64)
-    return s, a0, a1
-
-
-def resize_linear_u8(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """cv2.resize(img, (w, h), interpolation=INTER_LINEAR) for uint8 HW or HWC images.
-
-    Uses cv2 itself when it is installed (what the official script runs). Otherwise a numpy re-implementation of
-    OpenCV's fixed-point path: float32 source coordinates, 11-bit weights rounded separately, horizontal pass in
-    int32, vertical pass as OpenCV's SIMD kernel ((b0*(D0>>4))>>16 + (b1*(D1>>4))>>16 + 2) >> 2 on every value.
-    Bit-exact with opencv-python-headless 5.0.0.93 (checked on ~15M values, HWC and HW, the A-847 size rule); a
-    build that rounds some values with its scalar kernel instead may differ by 1 there. Labels never go through this.
-    """
-    try:
-        import cv2  # type: ignore[import-not-found]
-
-        return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-    except ImportError:
-        pass
-    if img.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {img.dtype}")
-    squeeze = img.ndim == 2
-    a = img[:, :, None] if squeeze else img
-    sh, sw, cn = a.shape
-    sx, a0, a1 = _linear_taps(sw, w)
-    sy, b0, b1 = _linear_taps(sh, h)
-    sx1 = np.minimum(sx + 1, sw - 1)
-    src = a.astype(np.int64)
-    horiz = src[:, sx, :] * a0[None, :, None] + src[:, sx1, :] * a1[None, :, None]       # (sh, w, cn)
-    d0 = horiz[sy].reshape(h, w * cn)
-    d1 = horiz[np.minimum(sy + 1, sh - 1)].reshape(h, w * cn)
-    bb0, bb1 = b0[:, None], b1[:, None]
-    out = ((((d0 >> 4) * bb0) >> 16) + (((d1 >> 4) * bb1) >> 16) + 2) >> 2      # OpenCV's SIMD vertical kernel
-    out = np.clip(out, 0, 255).astype(np.uint8).reshape(h, w, cn)
-    return out[:, :, 0] if squeeze else out
-
-
-def pc59_label(detail_mask: np.ndarray) -> np.ndarray:
-    """Detail class mask (0 = background, else a category id) -> uint8 rank among {0} ∪ 59 ids, minus 1 (0 -> 255).
-    Ids outside the 60 raise ValueError, as the official script's assert does."""
-    ids = (0,) + pc59_ids()
-    m = np.asarray(detail_mask).astype(np.int64)
-    lut = np.full(max(int(m.max(initial=0)), ids[-1]) + 1, -1, dtype=np.int64)
-    lut[list(ids)] = np.arange(len(ids))
-    if (m < 0).any() or (lut[m] < 0).any():
-        bad = sorted(set(np.unique(m).tolist()) - set(ids))[:5]
-        raise ValueError(f"category ids {bad} are not among the 59 PC-59 classes")
-    return (lut[m].astype(np.uint8) - np.uint8(1)).astype(np.uint8)
-
-
-def pc59_label_from_labelmap(label_map: np.ndarray) -> np.ndarray:
-    """Pascal-Context LabelMap (labels.txt ids, 0 = unlabeled) -> PC-59 label in SAN's order; other ids -> 255."""
-    ids = pc59_ids()
-    m = _as_uint16_ids(label_map).astype(np.int64)
-    lut = np.full(max(int(m.max(initial=0)), ids[-1]) + 1, 255, dtype=np.uint8)
-    lut[list(ids)] = np.arange(len(ids), dtype=np.uint8)
-    return lut[m]
-
-
-def _as_uint16_ids(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim != 2:
-        raise ValueError(f"expected a 2-D LabelMap, got shape {a.shape}")
-    if a.dtype == np.uint16:
-        return a
-    if not np.issubdtype(a.dtype, np.integer):
-        if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
-            raise ValueError(f"LabelMap holds non-integer values ({a.dtype})")
-    if a.size and (a.min() < 0 or a.max() > 65535):
-        raise ValueError(f"LabelMap values {a.min()}..{a.max()} do not fit uint16")
-    return a.astype(np.uint16)
-
-
-def pc459_label(label_map: np.ndarray) -> np.ndarray:
-    """Pascal-Context LabelMap (1..459, 0 = unlabeled) -> LabelMap - 1 on uint16 (0 wraps to 65535)."""
-    return _as_uint16_ids(label_map) - np.uint16(1)
-
-
-def voc_label(raw: np.ndarray, background: bool) -> np.ndarray:
-    """VOC SegmentationClass indices -> k-1 for k = 1..20; 0 -> 20 if `background` else 255; all else 255."""
-    if raw.ndim != 2:
-        raise ValueError(f"expected palette/greyscale indices, got shape {raw.shape} (a colour PNG?)")
-    lut = np.full(256, 255, dtype=np.uint8)
-    lut[1:21] = np.arange(20, dtype=np.uint8)
-    lut[0] = 20 if background else 255
-    a = np.asarray(raw).astype(np.int64)
-    return np.where((a >= 0) & (a < 256), lut[np.clip(a, 0, 255)], 255).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# raw formats: COCO RLE, MATLAB v5 .mat, restricted pickle
-
-
-def rle_counts_from_string(s: str | bytes) -> list[int]:
-    """COCO compressed RLE string -> run lengths (pycocotools/Detail `rleFrString`: 5-bit groups + 48, sign bit 0x10,
-    continuation 0x20, counts after the 3rd stored as differences to the count two back)."""
-    data = s.encode("ascii") if isinstance(s, str) else bytes(s)
-    counts: list[int] = []
-    p = 0
-    while p < len(data):
-        x, k, more = 0, 0, True
-        while more:
-            c = data[p] - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """{'size': [h, w], 'counts': str | list} -> uint8 HxW mask (runs alternate 0/1 from 0, column-major)."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    counts = list(counts) if isinstance(counts, (list, tuple)) else rle_counts_from_string(counts)
-    if any(c < 0 for c in counts) or sum(counts) != h * w:
-        raise ValueError(f"RLE runs sum to {sum(counts)}, expected {h}x{w} = {h * w}")
-    flat = np.repeat(np.arange(len(counts), dtype=np.uint8) % 2, counts)
-    return flat.reshape(w, h).T.copy()
-
-
-def detail_class_mask(anns: Iterable[dict], height: int, width: int) -> np.ndarray:
-    """Detail.getMask(img) for a whole image: zeros, then each annotation's RLE painted with its category_id, in
-    the given (file) order, later ones on top."""
-    mask = np.zeros((height, width), dtype=np.int64)
-    for ann in anns:
-        m = rle_decode(ann["segmentation"])
-        if m.shape != mask.shape:
-            raise ValueError(f"annotation {ann.get('id')} is {m.shape[1]}x{m.shape[0]}, the image {width}x{height}")
-        mask[m != 0] = int(ann["category_id"])
-    return mask
-
-
-_MI_TYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
-_MX_CLASSES = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
-_MI_MATRIX, _MI_COMPRESSED = 14, 15
-
-
-def _mat_element(buf: bytes, pos: int, e: str) -> tuple[int, bytes, int]:
-    """(type, payload, next position) of the data element at `pos`; small-element format included."""
-    word = struct.unpack_from(e + "I", buf, pos)[0]
-    if word >> 16:
-        n = word >> 16
-        return word & 0xFFFF, buf[pos + 4: pos + 4 + n], pos + 8
-    typ, n = struct.unpack_from(e + "II", buf, pos)
-    start = pos + 8
-    nxt = start + n if typ == _MI_COMPRESSED else start + (n + 7) // 8 * 8
-    return typ, buf[start: start + n], nxt
-
-
-def _mat_matrix(buf: bytes, e: str) -> tuple[str, np.ndarray | None]:
-    typ, flags, pos = _mat_element(buf, 0, e)
-    cls = struct.unpack_from(e + "I", flags)[0] & 0xFF
-    _, dims, pos = _mat_element(buf, pos, e)
-    _, name, pos = _mat_element(buf, pos, e)
-    var = name.decode("latin-1")
-    if cls not in _MX_CLASSES:                  # cell, struct, char, sparse, object: not needed here
-        return var, None
-    rtyp, real, _ = _mat_element(buf, pos, e)
-    if rtyp not in _MI_TYPES:
-        raise ValueError(f"variable {var!r}: unsupported storage type {rtyp}")
-    shape = tuple(int(d) for d in np.frombuffer(dims, np.dtype("i4").newbyteorder(e)))
-    values = np.frombuffer(real, np.dtype(_MI_TYPES[rtyp]).newbyteorder(e)).astype(_MX_CLASSES[cls])
-    return var, values.reshape(shape, order="F")
-
-
-def read_mat(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Numeric variables of a MATLAB v5 .mat file (what scipy.io.loadmat returns for them; compressed or not)."""
-    buf = Path(path).read_bytes()
-    if len(buf) < 128:
-        raise ValueError("shorter than a MAT-file header")
-    if buf[:10] == b"MATLAB 7.3":
-        raise ValueError("MATLAB v7.3 (HDF5) file; re-save it with -v7, or convert it with h5py")
-    e = {b"IM": "<", b"MI": ">"}.get(buf[126:128])
-    if e is None or not buf.startswith(b"MATLAB"):
-        raise ValueError("not a MATLAB v5 MAT-file")
-    out: dict[str, np.ndarray] = {}
-
-    def walk(data: bytes, pos: int) -> None:
-        while pos + 8 <= len(data):
-            typ, payload, pos = _mat_element(data, pos, e)
-            if typ == _MI_COMPRESSED:
-                walk(zlib.decompress(payload), 0)
-            elif typ == _MI_MATRIX:
-                name, arr = _mat_matrix(payload, e)
-                if arr is not None:
-                    out[name] = arr
-
-    walk(buf, 128)
-    return out
-
-
-_PICKLE_ALLOWED = {
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"), ("builtins", "set"),
-    ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _PICKLE_ALLOWED:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-
-def load_index_pickle(path: Path, allow_unsafe: bool = False) -> dict:
-    """index_ade20k.pkl: containers, strings, numbers and numpy arrays only, unless `allow_unsafe`."""
-    with open(path, "rb") as f:
-        if allow_unsafe:
-            return pickle.load(f)
-        try:
-            return _RestrictedUnpickler(f).load()
-        except pickle.UnpicklingError as err:
-            raise BenchError(f"{path}: the pickle needs {err}, which is not on the allow-list (containers, numpy "
-                             f"arrays); if you trust the file pass allow_unsafe_pickle=true") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -500,8 +191,8 @@ def _read_label_map(path: Path) -> np.ndarray:
     if not path.is_file():
         raise BenchError(f"Pascal-Context annotation {path} is missing; unpack trainval.tar.gz there or set anno_dir=")
     try:
-        variables = read_mat(path)
-    except (ValueError, zlib.error, struct.error) as e:
+        variables = load_mat(path)
+    except ValueError as e:
         raise BenchError(f"{path}: cannot read ({e})") from None
     if "LabelMap" not in variables:
         raise BenchError(f"{path} has no numeric LabelMap variable (has {sorted(variables)})")
@@ -768,25 +459,8 @@ def prepare(dataset: str, src: str | os.PathLike, data_root: str | os.PathLike, 
 # command line
 
 
-_ARGS = {"dataset", "src", "data_root", "force", "images", "progress", "allow_unsafe_pickle", "pc59_source",
-         "anno_dir"}
-
-
-def parse_args(argv: list[str], allowed: set[str], usage: str) -> dict:
-    """Hydra-style key=value arguments (OmegaConf dotlist) -> dict; unknown keys fail in one line."""
-    from omegaconf import OmegaConf
-
-    for a in argv:
-        if "=" not in a or a.startswith("-"):
-            raise BenchError(f"argument {a!r}: use key=value ({usage})")
-    try:
-        args = OmegaConf.to_container(OmegaConf.from_dotlist(argv))
-    except Exception as e:  # noqa: BLE001 - grammar errors from OmegaConf
-        raise BenchError(f"cannot parse arguments {argv}: {e}".splitlines()[0]) from None
-    unknown = set(args) - allowed
-    if unknown:
-        raise BenchError(f"unknown argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-    return args  # type: ignore[return-value]
+_ARGS = {"dataset": str, "src": str, "data_root": str, "force": bool, "images": str, "progress": bool,
+         "allow_unsafe_pickle": bool, "pc59_source": str, "anno_dir": str}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -794,12 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     usage = "dataset=ade150 src=RAW_DIR [data_root=DIR] [force=true] [images=copy|symlink]"
     try:
-        args = parse_args(argv, _ARGS, usage)
+        args, _ = parse_overrides(argv, _ARGS, usage)
         if not args.get("dataset"):
             raise BenchError(f"missing dataset=NAME ({'|'.join(DATASETS)}); usage: {usage}")
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     data_root = resolve_data_root(args)
     src = args.get("src") or data_root
     opts = {k: args[k] for k in ("allow_unsafe_pickle", "pc59_source", "anno_dir") if args.get(k) is not None}
@@ -807,14 +480,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = prepare(str(args["dataset"]), str(src), data_root, force=bool(args.get("force", False)),
                           images=str(args.get("images", "copy")), progress=bool(args.get("progress", True)), **opts)
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return error(e, 1)
     except OSError as e:
-        print(f"error: {e}; nothing was written", file=sys.stderr)
-        return 1
+        return error(f"{e}; nothing was written", 1)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return error("interrupted; nothing was written", 130)
     for note in summary.notes:
         print(f"note: {note}")
     print(summary.line())

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from bench import BenchError
+from bench.cli import error, parse_overrides
 from bench.data.layouts import DatasetSpec, Layout, spec_from_cfg
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ def _raw_ade150(root: Path, n: int, seed: int) -> Path:
 def _raw_ade847(root: Path, n: int, seed: int) -> Path:
     import pickle
 
-    from bench.data.prepare import ade847_id_table
+    from bench.data.labelmaps import ade847_id_table
 
     rng = _raw_rng("ade847", seed)
     base = root / "ADE20K_2021_17_01"
@@ -276,7 +277,7 @@ def _raw_ade847(root: Path, n: int, seed: int) -> Path:
 def _raw_pascal_context(root: Path, n: int, seed: int) -> Path:
     import json
 
-    from bench.data.prepare import pc59_ids
+    from bench.data.labelmaps import pc59_ids
 
     rng = _raw_rng("pascal_context", seed)
     base = root / "VOCdevkit" / "VOC2010"
@@ -351,30 +352,18 @@ def synthesize_raw(root: str | os.PathLike, dataset: str, n_images: int = 3, see
     return _RAW_WRITERS[dataset](Path(root), int(n_images), int(seed))
 
 
-def _parse_args(argv: list[str]) -> dict:
-    from omegaconf import OmegaConf
+_USAGE = "root=DIR [datasets=[ade150,voc20]] [n_images=4] [seed=0]"
 
-    for a in argv:
-        if "=" not in a or a.startswith("-"):
-            raise BenchError(f"argument {a!r}: use key=value (root=DIR datasets=[ade150,voc20] n_images=4 seed=0)")
-    try:
-        args = OmegaConf.to_container(OmegaConf.from_dotlist(argv))
-    except Exception as e:  # noqa: BLE001 - grammar errors from OmegaConf
-        raise BenchError(f"cannot parse arguments {argv}: {e}".splitlines()[0]) from None
-    allowed = {"root", "datasets", "n_images", "seed"}
-    unknown = set(args) - allowed
-    if unknown:
-        raise BenchError(f"unknown argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+def _parse_args(argv: list[str]) -> dict:
+    args, _ = parse_overrides(argv, {"root": str, "datasets": list, "n_images": int, "seed": int}, _USAGE)
     if not args.get("root"):
-        raise BenchError("missing root=DIR (the folder to write the datasets under)")
+        raise BenchError(f"missing root=DIR (the folder to write the datasets under); usage: {_USAGE}")
     ds = args.get("datasets", list(DATASETS))
-    if isinstance(ds, str):
-        ds = [d for d in ds.split(",") if d]
     unknown_ds = [d for d in ds if d not in DATASETS]
     if unknown_ds:
         raise BenchError(f"unknown dataset(s) {unknown_ds}; allowed: {list(DATASETS)}")
-    return {"root": str(args["root"]), "datasets": ds, "n_images": int(args.get("n_images", 4)),
-            "seed": int(args.get("seed", 0))}
+    return {"root": args["root"], "datasets": ds, "n_images": args.get("n_images", 4), "seed": args.get("seed", 0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,8 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse_args(sys.argv[1:] if argv is None else argv)
         written = synthesize(args["root"], args["datasets"], args["n_images"], args["seed"])
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from bench.models.clip import CLIP_MEAN, CLIP_STD
+
 
 @dataclass
 class Protocol:
@@ -32,8 +34,8 @@ class Protocol:
     short_side: int = 640
     max_size: int = 2560
     size_divisibility: int = 32
-    pixel_mean: tuple[float, float, float] = (122.7709383, 116.7460125, 104.09373615)
-    pixel_std: tuple[float, float, float] = (68.5005327, 66.6321579, 70.32316305)
+    pixel_mean: tuple[float, float, float] = tuple(255.0 * c for c in CLIP_MEAN)   # CLIP's (SAN's input)
+    pixel_std: tuple[float, float, float] = tuple(255.0 * c for c in CLIP_STD)
 
 
 def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:

@@ -6,14 +6,54 @@ so the published SAN / SimSeg / SCAN checkpoints load strictly, but they run bat
 through `scaled_dot_product_attention` with an optional additive bias (SAN's attention bias, causal text mask).
 The tokenizer comes from open_clip (its BPE vocabulary ships inside the wheel; nothing is downloaded).
 
+Also here, once for every family: OpenAI CLIP's pixel statistics, the 14 "vild" prompt templates, the two-tower
+`CLIPModel` (text keys at the top level, image tower under `visual`) and the prompt-ensemble text classifier.
+
 FLOP counting: on CPU `torch.utils.flop_counter` sees SDPA as 0 FLOPs unless the math backend is forced;
 `bench.profile` forces it (and tests that attention is counted).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# OpenAI CLIP pixel statistics (0..1 scale): open_clip constants OPENAI_DATASET_MEAN / STD; the same values in
+# zsseg.baseline @ d77c3af mask_former/modeling/clip_adapter/utils.py L9-10 and SCAN's clip_adapter.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# 255 * mean in double precision (the official `[255.0 * c for c in PIXEL_MEAN]`): the fill outside a masked crop
+CLIP_MEAN_FILL = tuple(255.0 * c for c in CLIP_MEAN)
+
+# The "vild" prompt set, byte-exact (templates 2-5 have no trailing period, all others do). The three families'
+# official copies are the same strings: MendelXu/SAN @ e19262d san/model/clip_utils/utils.py, zsseg.baseline
+# @ d77c3af mask_former/modeling/clip_adapter/utils.py L93-108 (CLIP.VILD_PROMPT), yongliu20/SCAN @ 097fbbd
+# scan/modeling/clip_adapter/text_template.py L95-110 ("vild", TEXT_TEMPLATES in both yamls).
+VILD_TEMPLATES = (
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
+
+
+def clip_pixel_buffers(module: nn.Module) -> None:
+    """Register CLIP's pixel statistics x255 as the persistent [1, 3, 1, 1] buffers `pixel_mean` / `pixel_std`
+    (the `clip_adapter.pixel_mean/pixel_std` keys of the SimSeg and SCAN checkpoints)."""
+    module.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).reshape(1, 3, 1, 1) * 255.0)
+    module.register_buffer("pixel_std", torch.tensor(CLIP_STD).reshape(1, 3, 1, 1) * 255.0)
 
 
 class QuickGELU(nn.Module):
@@ -177,6 +217,20 @@ class TextTransformer(nn.Module):
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0]), eot]
         return x @ self.text_projection
+
+
+class CLIPModel(TextTransformer):
+    """A two-tower CLIP: the text tower's keys at the top level, the image tower under `visual`, `logit_scale`
+    (the layout of open_clip's `CLIP` and of OpenAI's checkpoints). `forward(tokens)` is the text tower."""
+
+    def __init__(self, embed_dim: int, image_size: int, patch_size: int, vision_width: int, vision_layers: int,
+                 vision_heads: int, text_width: int, text_layers: int, text_heads: int, context_length: int = 77,
+                 vocab_size: int = 49408, act_layer: type[nn.Module] = QuickGELU):
+        super().__init__(context_length, vocab_size, text_width, text_layers, text_heads, embed_dim,
+                         act_layer=act_layer)
+        self.visual = VisionTransformer(image_size, patch_size, vision_width, vision_layers, vision_heads, embed_dim,
+                                        act_layer=act_layer)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
 def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:

@@ -34,29 +34,11 @@ from torch import nn
 
 from bench import BenchError
 from bench.models.base import OVSegModel, Protocol
-from bench.models.clip import (LayerNormFp32, ResidualAttentionBlock, TextTransformer, encode_with_templates,
-                               resize_pos_embed)
+from bench.models.clip import (VILD_TEMPLATES, LayerNormFp32, ResidualAttentionBlock, TextTransformer,
+                               encode_with_templates, resize_pos_embed)
+from bench.models.common import MLP, Block, EmptyWeightCriterion, LayerNorm2d
+from bench.models.mask_scores import soft_mask_labels, soft_mask_scores
 from bench.models.registry import register_model
-
-# The "vild" template set of the official code (san/model/clip_utils/utils.py). Byte-exact: templates 2-5 have
-# no trailing period, all others do.
-VILD_TEMPLATES = (
-    "a photo of a {}.",
-    "This is a photo of a {}",
-    "There is a {} in the scene",
-    "There is the {} in the scene",
-    "a photo of a {} in the scene",
-    "a photo of a small {}.",
-    "a photo of a medium {}.",
-    "a photo of a large {}.",
-    "This is a photo of a small {}.",
-    "This is a photo of a medium {}.",
-    "This is a photo of a large {}.",
-    "There is a small {} in the scene.",
-    "There is a medium {} in the scene.",
-    "There is a large {} in the scene.",
-)
-
 
 @dataclass(frozen=True)
 class SANConfig:
@@ -110,47 +92,6 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
 
 
-class Attention(nn.Module):
-    """timm's ViT attention (qkv, proj), through scaled_dot_product_attention."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """timm's pre-norm ViT block, same state_dict names (norm1, attn.qkv, attn.proj, norm2, mlp.fc1/fc2)."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class SideViT(nn.Module):
     """What is left of the timm ViT in SAN: pos_embed without a cls slot, patch_embed, blocks (no cls, no norm)."""
 
@@ -171,20 +112,6 @@ class SideViT(nn.Module):
         return pos
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of a [B, C, H, W] map (SAN's `layers.LayerNorm`, eps 1e-6)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
 class AddFusion(nn.Module):
     """tokens += resize(conv1x1(LN(clip_map))): CLIP features added to the side network's patch tokens."""
 
@@ -195,21 +122,6 @@ class AddFusion(nn.Module):
     def forward(self, tokens: torch.Tensor, clip_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         y = F.interpolate(self.input_proj(clip_map), size=grid, mode="bilinear", align_corners=False)
         return tokens + y.flatten(2).transpose(1, 2)
-
-
-class MLP(nn.Module):
-    """`layers.N` of Linear (or 1x1 conv) with ReLU between (DETR's MLP)."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int, conv: bool = False):
-        super().__init__()
-        dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
-        layer = (lambda i, o: nn.Conv2d(i, o, kernel_size=1)) if conv else nn.Linear
-        self.layers = nn.ModuleList(layer(i, o) for i, o in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
 
 
 class MaskDecoder(nn.Module):
@@ -432,25 +344,6 @@ class OvClassifier(TextTransformer):
             module = self._modules.pop(name)
             self.add_module(name, module)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """As TextTransformer.forward, but only up to the batch's last EOT: under the causal mask the positions
-        after it never reach an EOT output, so this is the same result at a fraction of the 77-token cost."""
-        n = int(tokens.argmax(dim=-1).max()) + 1
-        tokens = tokens[:, :n]
-        x = self.token_embedding(tokens) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
-        x = self.ln_final(self.transformer(x, self.attn_mask[:n, :n]))
-        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection
-
-
-class Criterion(nn.Module):
-    """Only the persistent buffer of the training criterion: no-object down-weighting [num_classes + 1]."""
-
-    def __init__(self, num_classes: int, no_object_weight: float):
-        super().__init__()
-        weight = torch.ones(num_classes + 1)
-        weight[-1] = no_object_weight
-        self.register_buffer("empty_weight", weight)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The model
@@ -468,7 +361,7 @@ class SAN(OVSegModel):
         super().__init__(protocol)
         self.cfg = cfg
         self.templates = VILD_TEMPLATES
-        self.criterion = Criterion(cfg.num_train_classes, cfg.no_object_weight)
+        self.criterion = EmptyWeightCriterion(cfg.num_train_classes, cfg.no_object_weight)
         self.side_adapter_network = SideAdapterNetwork(cfg)
         self.clip_visual_extractor = ClipVisualExtractor(cfg)
         self.clip_rec_head = RecWithAttnBiasHead(cfg)
@@ -548,47 +441,19 @@ class SAN(OVSegModel):
     def postprocess(self, outputs: dict, image_sizes: list[tuple[int, int]],
                     output_sizes: list[tuple[int, int]], max_elements: int = 1 << 26) -> list[torch.Tensor]:
         """Per image: mask logits -> bilinear to the padded size -> crop to the image size -> bilinear to the
-        output size -> Σ_q softmax(class)[:, :K] · sigmoid(mask) -> [K, H0, W0].
-
-        Queries go in chunks so that at most `max_elements` mask pixels are held at once (large images). The sum
-        is an out-of-place `addmm` (FlopCounterMode does not count the in-place `addmm_`).
-        """
+        output size -> Σ_q softmax(class)[:, :K] · sigmoid(mask) -> [K, H0, W0] (`mask_scores.soft_mask_scores`)."""
         masks, logits = outputs["mask_pred"], outputs["mask_logits"]
         padded = tuple(outputs.get("padded_size", (masks.shape[-2] * 16, masks.shape[-1] * 16)))
-        results = []
-        for mask, cls_logits, (h, w), (h0, w0) in zip(masks, logits, image_sizes, output_sizes):
-            prob = F.softmax(cls_logits.float(), dim=-1)[:, :-1]               # [Q, K]
-            mask = mask.float()
-            scores = prob.new_zeros(prob.shape[1], h0 * w0)
-            chunk = max(1, max_elements // (padded[0] * padded[1] + h0 * w0))
-            for s in range(0, mask.shape[0], chunk):
-                m = self._masks_at(mask[s:s + chunk], padded, (h, w), (h0, w0))
-                scores = torch.addmm(scores, prob[s:s + chunk].T, m.flatten(1).sigmoid_())
-            results.append(scores.view(-1, h0, w0))
-        return results
-
-    @staticmethod
-    def _masks_at(mask: torch.Tensor, padded: tuple[int, int], size: tuple[int, int],
-                  out_size: tuple[int, int]) -> torch.Tensor:
-        """[Q, h', w'] mask logits -> bilinear to the padded size -> crop to `size` -> bilinear to `out_size`
-        -> [Q, H0, W0]."""
-        m = F.interpolate(mask[None], size=padded, mode="bilinear", align_corners=False)
-        m = m[:, :, :size[0], :size[1]]
-        if tuple(size) != tuple(out_size):
-            m = F.interpolate(m, size=out_size, mode="bilinear", align_corners=False)
-        return m[0]
+        return [soft_mask_scores(mask, F.softmax(cls_logits.float(), dim=-1)[:, :-1], padded, size, tuple(out_size),
+                                 max_elements)
+                for mask, cls_logits, size, out_size in zip(masks, logits, image_sizes, output_sizes)]
 
     def postprocess_labels(self, outputs: dict, image_sizes: list[tuple[int, int]],
                            output_sizes: list[tuple[int, int]], rows_per_band: int = 8,
                            max_elements: int = 1 << 28) -> list[torch.Tensor]:
-        """The label maps `[s.argmax(0) for s in postprocess(...)]` [H0, W0] (int64), computed band by band without
-        holding [Q, H0, W0] masks or [K, H0, W0] scores. The two bilinear resizes (to the padded size, crop, to the
-        output size) are separable: along x they run once on the small [Q, h', w'] logits (F.interpolate, so
-        the same weights), along y they are a few-tap linear map (`_row_weights`) applied per band of output rows;
-        then sigmoid -> [P, Q] @ [Q, K] -> argmax, all in cache. Same GEMM FLOPs as `postprocess`; labels equal
-        up to float rounding at exact ties. The class GEMM writes into a buffer whose rows are padded to a multiple
-        of 16 (MKL is about twice as fast at that leading dimension than at K = 150); only the K real columns are
-        computed and compared. Images whose Q x H0 x W0 masks exceed `max_elements` go through `postprocess`."""
+        """The label maps `[s.argmax(0) for s in postprocess(...)]` [H0, W0] (int64), band by band without holding
+        the full-size masks or scores (`mask_scores.soft_mask_labels`; same GEMM FLOPs, labels equal up to float
+        rounding at exact ties). Images whose Q x H0 x W0 masks exceed `max_elements` go through `postprocess`."""
         masks, logits = outputs["mask_pred"], outputs["mask_logits"]
         padded = tuple(outputs.get("padded_size", (masks.shape[-2] * 16, masks.shape[-1] * 16)))
         results = []
@@ -598,44 +463,8 @@ class SAN(OVSegModel):
                 results.append(self.postprocess(one, [size], [(h0, w0)])[0].argmax(dim=0))
                 continue
             prob = F.softmax(cls_logits.float(), dim=-1)[:, :-1].contiguous()  # [Q, K]
-            k = prob.shape[1]
-            tx = self._resize_x(mask.float(), padded[1], size[1], w0)            # [h', W0, Q] pixel-major
-            ry = self._row_weights(mask.shape[-2], padded[0], size[0], h0).to(tx)  # [H0, h']
-            labels = torch.empty(h0, w0, dtype=torch.int64, device=mask.device)
-            buf = prob.new_empty(rows_per_band * w0, -(-k // 16) * 16)
-            for r in range(0, h0, rows_per_band):
-                band = ry[r:r + rows_per_band]                                   # [R, h']
-                taps = band.abs().sum(0).nonzero().flatten()
-                lo, hi = int(taps[0]), int(taps[-1]) + 1
-                m = torch.einsum("rt,twq->rwq", band[:, lo:hi], tx[lo:hi]) if hi - lo > 2 else \
-                    band[:, lo, None, None] * tx[lo] + (band[:, lo + 1, None, None] * tx[lo + 1] if hi - lo == 2
-                                                        else 0)
-                p = m.shape[0] * w0
-                scores = buf[:p, :k]
-                torch.mm(m.reshape(p, -1).sigmoid_(), prob, out=scores)
-                # under autocast the product is bf16, whose argmax has no vectorised kernel: compare in fp32
-                torch.argmax(scores.float(), dim=1, out=labels[r:r + rows_per_band].view(-1))
-            results.append(labels)
+            results.append(soft_mask_labels(mask, prob, padded, size, (h0, w0), rows_per_band))
         return results
-
-    @staticmethod
-    def _resize_x(mask: torch.Tensor, padded_w: int, w: int, w0: int) -> torch.Tensor:
-        """[Q, h', w'] -> along x only: bilinear to the padded width, crop to `w`, bilinear to `w0` -> [h', W0, Q]."""
-        m = F.interpolate(mask[None], size=(mask.shape[-2], padded_w), mode="bilinear", align_corners=False)
-        m = m[..., :w]
-        if w != w0:
-            m = F.interpolate(m, size=(mask.shape[-2], w0), mode="bilinear", align_corners=False)
-        return m[0].permute(1, 2, 0).contiguous()
-
-    @staticmethod
-    def _row_weights(n: int, padded_h: int, h: int, h0: int) -> torch.Tensor:
-        """The y part of the resizes as a matrix [H0, n]: row y holds the weights of source rows 0..n-1 for output
-        row y. Built by resizing the identity with the same F.interpolate calls, so the weights are the same."""
-        eye = torch.eye(n)[None, :, :, None]                                      # channel c = source row c
-        e = F.interpolate(eye, size=(padded_h, 1), mode="bilinear", align_corners=False)[:, :, :h]
-        if h != h0:
-            e = F.interpolate(e, size=(h0, 1), mode="bilinear", align_corners=False)
-        return e[0, :, :, 0].T.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ cropped (box of the binary mask, background filled with the CLIP mean), classifi
 contextual shift (a share of background patch tokens replaced by the global image's CLS token after blocks 1, 3,
 5, ...), and the two are combined geometrically: c = p_in^(1-w) * p_out^w; A-847 / PC-459 add a void re-weighting.
 
-Per-dataset settings (`model.configure(...)`; the official values are in yaml comments, not in code):
+Per-dataset settings (`model.configure(...)`; the official values are in yaml comments, not in code; the harness
+reads them from conf/model/scan_l.yaml / scan_b.yaml `dataset_settings`, void_reweight from the dataset configs):
 
     scan_vit_l_14   mask_thr  ensemble_weight  replace_ratio  void_reweight
       A-847          0.30       0.75             0.15           True
@@ -55,7 +56,6 @@ p_in^(1-w) and the image is counted in `num_images_without_crops` / `outputs["no
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, replace
 
@@ -64,46 +64,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.models.base import OVSegModel, Protocol
-from bench.models.clip import TextTransformer, VisionTransformer, encode_with_templates
+from bench.models.clip import (CLIP_MEAN_FILL, VILD_TEMPLATES, CLIPModel, VisionTransformer, clip_pixel_buffers,
+                               encode_with_templates)
+from bench.models.common import (IMAGENET_MEAN, IMAGENET_STD, MLP, EmptyWeightCriterion, mask_boxes,
+                                 sine_position_embedding)
+from bench.models.pixel_decoder import MSDeformAttnPixelDecoder
 from bench.models.registry import register_model
+from bench.models.swin import SwinBackbone
 
 # Extra keys of the published SCAN.pth that the released code never builds (issue yongliu20/SCAN#13):
 # pass these to load_checkpoint(ignore_prefixes=...). Any other difference fails with the key diff.
 IGNORED_PREFIXES: tuple[str, ...] = ("clip_adapter.clip_model.visual.cxt_decoder.",
                                      "clip_adapter.clip_model.visual.learnable_weight")
 
-SEG_MEAN = (123.675, 116.28, 103.53)             # configs/scan_vitL.yaml PIXEL_MEAN (Swin segmenter input)
-SEG_STD = (58.395, 57.12, 57.375)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI statistics, x255 (global CLIP input and crops)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_SIZE = 224
-
-# scan/modeling/clip_adapter/text_template.py L95-110 ("vild", TEXT_TEMPLATES in both yamls), punctuation verbatim.
-VILD_TEMPLATES = (
-    "a photo of a {}.", "This is a photo of a {}", "There is a {} in the scene", "There is the {} in the scene",
-    "a photo of a {} in the scene", "a photo of a small {}.", "a photo of a medium {}.", "a photo of a large {}.",
-    "This is a photo of a small {}.", "This is a photo of a medium {}.", "This is a photo of a large {}.",
-    "There is a small {} in the scene.", "There is a medium {} in the scene.", "There is a large {} in the scene.",
-)
-
-# Keyed by this repo's dataset names; see the module docstring for the sources.
-DATASET_SETTINGS: dict[str, dict[str, dict]] = {
-    "scan_vit_l_14": {
-        "ade847": dict(mask_thr=0.3, ensemble_weight=0.75, replace_ratio=0.15, void_reweight=True),
-        "pc459": dict(mask_thr=0.25, ensemble_weight=0.65, replace_ratio=0.05, void_reweight=True),
-        "ade150": dict(mask_thr=0.55, ensemble_weight=0.75, replace_ratio=0.05, void_reweight=False),
-        "pc59": dict(mask_thr=0.5, ensemble_weight=0.5, replace_ratio=0.05, void_reweight=False),
-        "voc20": dict(mask_thr=0.2, ensemble_weight=0.65, replace_ratio=0.1, void_reweight=False),
-    },
-    "scan_vit_b_16": {
-        "ade847": dict(mask_thr=0.25, ensemble_weight=0.75, replace_ratio=0.05, void_reweight=True),
-        "pc459": dict(mask_thr=0.25, ensemble_weight=0.7, replace_ratio=0.05, void_reweight=True),
-        "ade150": dict(mask_thr=0.4, ensemble_weight=0.7, replace_ratio=0.05, void_reweight=False),
-        "pc59": dict(mask_thr=0.25, ensemble_weight=0.35, replace_ratio=0.05, void_reweight=False),
-        "voc20": dict(mask_thr=0.2, ensemble_weight=0.45, replace_ratio=0.1, void_reweight=False),
-    },
-}
-
+CLIP_SIZE = 224   # the CLIP input (global image and crops) uses OpenAI's statistics (bench.models.clip.CLIP_MEAN)
 
 @dataclass(frozen=True)
 class SCANConfig:
@@ -158,334 +132,6 @@ SCAN_B = SCANConfig(clip_patch=16, clip_width=768, clip_layers=12, clip_heads=12
                     text_heads=8, embed_dim=512, select_layers=(6, 9, 12), replace_layers=(1, 3, 5))
 
 
-# ================================================================================================== Swin backbone
-def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
-    """[B, H, W, C] -> [B, nW, ws*ws, C] (H, W multiples of ws)."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // ws) * (w // ws), ws * ws, c)
-
-
-def window_reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
-    b, _, _, c = windows.shape
-    x = windows.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, c)
-
-
-def swin_relative_position_index(ws: int) -> torch.Tensor:
-    """[ws*ws, ws*ws] index into the (2ws-1)^2 bias table for every token pair of a window."""
-    ys, xs = torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")
-    coords = torch.stack([ys.flatten(), xs.flatten()])
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
-    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
-
-
-class WindowAttention(nn.Module):
-    def __init__(self, dim: int, window: int, heads: int):
-        super().__init__()
-        self.window, self.heads = window, heads
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        self.register_buffer("relative_position_index", swin_relative_position_index(window))
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, nW, N, C]; shift_mask: [nW, N, N] of 0 / -100 or None."""
-        b, nw, n, c = x.shape
-        qkv = self.qkv(x).view(b * nw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                                 # B*nW, heads, N, d
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(n, n, self.heads).permute(2, 0, 1).contiguous()[None]  # 1, heads, N, N
-        if shift_mask is not None:
-            bias = bias + shift_mask[:, None].to(bias.dtype)                   # nW, heads, N, N
-            bias = bias.repeat(b, 1, 1, 1) if b > 1 else bias
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # 4-D: the fast CPU kernel
-        return self.proj(out.transpose(1, 2).reshape(b, nw, n, c))
-
-
-class SwinMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class SwinBlock(nn.Module):
-    """(Shifted-)window attention block; the map is zero-padded (after norm1) to a multiple of the window."""
-
-    def __init__(self, dim: int, heads: int, window: int, shift: int):
-        super().__init__()
-        self.window, self.shift = window, shift
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = SwinMlp(dim, 4 * dim)
-
-    def forward(self, x: torch.Tensor, h: int, w: int, shift_mask: torch.Tensor) -> torch.Tensor:
-        b, _, c = x.shape
-        ws = self.window
-        y = self.norm1(x).view(b, h, w, c)
-        y = F.pad(y, (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
-        hp, wp = y.shape[1], y.shape[2]
-        if self.shift:
-            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y = self.attn(window_partition(y, ws), shift_mask if self.shift else None)
-        y = window_reverse(y, ws, hp, wp)
-        if self.shift:
-            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = x + y[:, :h, :w].reshape(b, h * w, c)
-        return x + self.mlp(self.norm2(x))
-
-
-class PatchMerging(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim)
-
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        b, _, c = x.shape
-        x = x.view(b, h, w, c)
-        if h % 2 or w % 2:
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
-
-
-def swin_shift_mask(h: int, w: int, ws: int, shift: int, device: torch.device) -> torch.Tensor:
-    """[nW, ws*ws, ws*ws]: -100 between tokens that came from different regions of the cyclic shift, else 0."""
-    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
-    img = torch.zeros((1, hp, wp, 1), device=device)
-    cnt = 0
-    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-            img[:, hs, wsl, :] = cnt
-            cnt += 1
-    win = window_partition(img, ws)[0, :, :, 0]                       # nW, N
-    diff = win[:, None, :] - win[:, :, None]
-    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
-
-
-class SwinStage(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, window: int, downsample: bool):
-        super().__init__()
-        self.window = window
-        self.blocks = nn.ModuleList(SwinBlock(dim, heads, window, 0 if i % 2 == 0 else window // 2)
-                                    for i in range(depth))
-        self.downsample = PatchMerging(dim) if downsample else None
-
-    def forward(self, x: torch.Tensor, h: int, w: int):
-        mask = swin_shift_mask(h, w, self.window, self.window // 2, x.device)
-        for blk in self.blocks:
-            x = blk(x, h, w, mask)
-        if self.downsample is None:
-            return x, x, h, w
-        return x, self.downsample(x, h, w), (h + 1) // 2, (w + 1) // 2
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, dim: int, patch: int = 4):
-        super().__init__()
-        self.patch = patch
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """Image [B, 3, H, W] -> normalised tokens [B, h*w, C] and the grid (h, w)."""
-        p = self.patch
-        x = self.proj(F.pad(x, (0, (p - x.shape[-1] % p) % p, 0, (p - x.shape[-2] % p) % p)))
-        return self.norm(x.flatten(2).transpose(1, 2)), x.shape[2], x.shape[3]
-
-
-class SwinBackbone(nn.Module):
-    """D2SwinTransformer: res2..res5 feature maps, each through its own LayerNorm `norm{i}`."""
-
-    def __init__(self, cfg: SCANConfig):
-        super().__init__()
-        self.patch_embed = PatchEmbed(cfg.swin_embed_dim)
-        n = len(cfg.swin_depths)
-        self.dims = [cfg.swin_embed_dim * 2 ** i for i in range(n)]
-        self.layers = nn.ModuleList(SwinStage(self.dims[i], cfg.swin_depths[i], cfg.swin_heads[i], cfg.swin_window,
-                                              downsample=i < n - 1) for i in range(n))
-        for i, d in enumerate(self.dims):
-            self.add_module(f"norm{i}", nn.LayerNorm(d))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x, h, w = self.patch_embed(x)
-        outs = {}
-        for i, stage in enumerate(self.layers):
-            out, x, nh, nw = stage(x, h, w)
-            out = getattr(self, f"norm{i}")(out)
-            outs[f"res{i + 2}"] = out.view(-1, h, w, self.dims[i]).permute(0, 3, 1, 2).contiguous()
-            h, w = nh, nw
-        return outs
-
-
-# ================================================================================================== pixel decoder
-def sine_position_embedding(x: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
-    """DETR sine embedding (normalize=True, scale 2*pi) of an unmasked [B, C, H, W] map -> [B, 2*num_feats, H, W]."""
-    not_mask = torch.ones((x.shape[0], x.shape[2], x.shape[3]), device=x.device, dtype=torch.bool)
-    y_embed = not_mask.cumsum(1, dtype=torch.float32)
-    x_embed = not_mask.cumsum(2, dtype=torch.float32)
-    eps, scale = 1e-6, 2 * math.pi
-    y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
-    x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=x.device)
-    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
-    pos_x = x_embed[:, :, :, None] / dim_t
-    pos_y = y_embed[:, :, :, None] / dim_t
-    pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
-    pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
-    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).to(x.dtype)
-
-
-def ms_deform_attn_core(value: torch.Tensor, shapes: list[tuple[int, int]], locations: torch.Tensor,
-                        weights: torch.Tensor) -> torch.Tensor:
-    """Multi-scale deformable attention by bilinear `grid_sample` (zeros padding, align_corners=False).
-
-    value [N, S, M, D]; locations [N, Lq, M, L, P, 2] in [0, 1] (x, y); weights [N, Lq, M, L, P] -> [N, Lq, M*D].
-    Runs in fp32 whatever the model's dtype (the official pixel decoder runs outside autocast, see
-    PixelDecoder.forward): bf16 sampling locations are off by up to a third of a pixel on the finest
-    level, and CPU `grid_sample` in bf16 returned NaN and garbage on the transposed value view below (torch 2.14.1).
-    """
-    dtype = value.dtype
-    value, locations, weights = value.float(), locations.float(), weights.float()
-    n, _, m, d = value.shape
-    _, lq, _, nl, p, _ = locations.shape
-    values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * locations - 1
-    sampled = []
-    for lvl, (h, w) in enumerate(shapes):
-        v = values[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)                 # N*M, Lq, P, 2
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = weights.transpose(1, 2).reshape(n * m, 1, lq, nl * p)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
-    return out.transpose(1, 2).to(dtype)
-
-
-class MSDeformAttn(nn.Module):
-    def __init__(self, dim: int, levels: int, heads: int, points: int):
-        super().__init__()
-        self.levels, self.heads, self.points = levels, heads, points
-        self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
-        self.attention_weights = nn.Linear(dim, heads * levels * points)
-        self.value_proj = nn.Linear(dim, dim)
-        self.output_proj = nn.Linear(dim, dim)
-
-    def forward(self, query: torch.Tensor, reference: torch.Tensor, source: torch.Tensor,
-                shapes: list[tuple[int, int]]) -> torch.Tensor:
-        n, lq, c = query.shape
-        m, nl, p = self.heads, self.levels, self.points
-        value = self.value_proj(source).view(n, source.shape[1], m, c // m)
-        offsets = self.sampling_offsets(query).view(n, lq, m, nl, p, 2)
-        weights = F.softmax(self.attention_weights(query).view(n, lq, m, nl * p), -1).view(n, lq, m, nl, p)
-        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
-        locations = reference[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        return self.output_proj(ms_deform_attn_core(value, shapes, locations, weights))
-
-
-class DeformEncoderLayer(nn.Module):
-    """Post-norm: x = norm1(x + deform_attn(x + pos)); x = norm2(x + ffn(x)), ReLU."""
-
-    def __init__(self, dim: int, ffn: int, levels: int, heads: int, points: int):
-        super().__init__()
-        self.self_attn = MSDeformAttn(dim, levels, heads, points)
-        self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn)
-        self.linear2 = nn.Linear(ffn, dim)
-        self.norm2 = nn.LayerNorm(dim)
-
-    def forward(self, x, pos, reference, shapes):
-        x = self.norm1(x + self.self_attn(x + pos, reference, x, shapes))
-        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
-
-
-class DeformEncoder(nn.Module):
-    """`transformer` of the pixel decoder: level embeddings + `encoder.layers`."""
-
-    def __init__(self, cfg: SCANConfig, levels: int):
-        super().__init__()
-        self.level_embed = nn.Parameter(torch.zeros(levels, cfg.conv_dim))
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(
-            DeformEncoderLayer(cfg.conv_dim, cfg.enc_ffn, levels, cfg.deform_heads, cfg.deform_points)
-            for _ in range(cfg.enc_layers))
-
-    @staticmethod
-    def reference_points(shapes: list[tuple[int, int]], batch: int, device: torch.device) -> torch.Tensor:
-        """Pixel centres in [0, 1] of every level, repeated for every level: [B, sum HW, L, 2] (x, y)."""
-        refs = []
-        for h, w in shapes:
-            ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                                    torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
-                                    indexing="ij")
-            refs.append(torch.stack((rx.reshape(-1) / float(w), ry.reshape(-1) / float(h)), -1))
-        ref = torch.cat(refs, 0)[None, :, None].expand(batch, -1, len(shapes), -1)
-        return ref
-
-    def forward(self, srcs: list[torch.Tensor], pos: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
-        shapes = [(s.shape[2], s.shape[3]) for s in srcs]
-        x = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
-        p = torch.cat([q.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1) for i, q in enumerate(pos)], 1)
-        ref = self.reference_points(shapes, x.shape[0], x.device).to(x.dtype)
-        for layer in self.encoder.layers:
-            x = layer(x, p, ref, shapes)
-        return x, shapes
-
-
-class ConvNorm(nn.Conv2d):
-    """detectron2's Conv2d with a `norm` child (GroupNorm 32) and an optional ReLU; keys weight, norm.*."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, relu: bool = False):
-        super().__init__(cin, cout, kernel, padding=kernel // 2, bias=False)
-        self.norm = nn.GroupNorm(32, cout)
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(super().forward(x))
-        return F.relu(x) if self.relu else x
-
-
-class PixelDecoder(nn.Module):
-    """MSDeformAttnPixelDecoder: deformable encoder on res5/res4/res3, one FPN level on res2, 1x1 mask features."""
-
-    def __init__(self, cfg: SCANConfig, in_dims: list[int]):
-        super().__init__()
-        c = cfg.conv_dim
-        self.input_proj = nn.ModuleList(nn.Sequential(nn.Conv2d(d, c, 1), nn.GroupNorm(32, c))
-                                        for d in in_dims[1:][::-1])   # res5, res4, res3
-        self.transformer = DeformEncoder(cfg, levels=len(in_dims) - 1)
-        self.mask_features = nn.Conv2d(c, cfg.mask_dim, 1)
-        self.adapter_1 = ConvNorm(in_dims[0], c, 1)
-        self.layer_1 = ConvNorm(c, c, 3, relu=True)
-
-    def forward(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Outside autocast, in the weights' dtype: Mask2Former's `forward_features` is `@autocast(enabled=False)`
-        and casts its inputs with `.float()` (msdeformattn.py), so under autocast this stage runs in fp32."""
-        device_type = next(iter(feats.values())).device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            dtype = self.mask_features.weight.dtype
-            return self._forward({k: v.to(dtype) for k, v in feats.items()})
-
-    def _forward(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        names = ["res5", "res4", "res3"]
-        srcs = [proj(feats[n]) for proj, n in zip(self.input_proj, names)]
-        pos = [sine_position_embedding(feats[n], self.transformer.level_embed.shape[1] // 2) for n in names]
-        y, shapes = self.transformer(srcs, pos)
-        b = y.shape[0]
-        out = [z.transpose(1, 2).reshape(b, -1, h, w) for z, (h, w) in zip(y.split([h * w for h, w in shapes], 1),
-                                                                          shapes)]
-        lateral = self.adapter_1(feats["res2"])
-        top = F.interpolate(out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-        out.append(self.layer_1(lateral + top))
-        return self.mask_features(out[-1]), out[:3]
-
-
 # ================================================================================================== masked decoder
 class SelfAttentionLayer(nn.Module):
     def __init__(self, dim: int, heads: int):
@@ -520,20 +166,6 @@ class FFNLayer(nn.Module):
         return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt))))
 
 
-class MLPHead(nn.Module):
-    """Mask2Former MLP: Linear layers under `layers.{i}`, ReLU between them."""
-
-    def __init__(self, din: int, hidden: int, dout: int, n: int):
-        super().__init__()
-        dims = [din] + [hidden] * (n - 1) + [dout]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
 class MaskedDecoder(nn.Module):
     """OpenVocabMask2FormerPredictor: masked cross-attn -> self-attn -> FFN per layer, level i % 3, post-norm.
 
@@ -554,8 +186,8 @@ class MaskedDecoder(nn.Module):
         self.query_feat = nn.Embedding(cfg.num_queries, d)
         self.query_embed = nn.Embedding(cfg.num_queries, d)
         self.level_embed = nn.Embedding(3, d)
-        self.class_embed = MLPHead(d, cfg.embed_hidden_dim, cfg.embed_dim, 2)
-        self.mask_embed = MLPHead(d, d, cfg.mask_dim, 3)
+        self.class_embed = MLP(d, cfg.embed_hidden_dim, cfg.embed_dim, 2)
+        self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
 
     def prediction_heads(self, output, mask_features, target_size):
         out = self.decoder_norm(output).transpose(0, 1)                            # B, Q, C
@@ -585,7 +217,8 @@ class MaskedDecoder(nn.Module):
 class SemSegHead(nn.Module):
     def __init__(self, cfg: SCANConfig, in_dims: list[int]):
         super().__init__()
-        self.pixel_decoder = PixelDecoder(cfg, in_dims)
+        self.pixel_decoder = MSDeformAttnPixelDecoder(in_dims, cfg.conv_dim, cfg.mask_dim, cfg.enc_layers,
+                                                      cfg.enc_ffn, cfg.deform_heads, cfg.deform_points)
         self.predictor = MaskedDecoder(cfg)
 
     def forward(self, feats):
@@ -594,14 +227,11 @@ class SemSegHead(nn.Module):
 
 
 # ================================================================================================== CLIP + SCAN modules
-class CLIPModel(TextTransformer):
-    """open_clip CLIP: the text tower's keys at the top level, the image tower under `visual`, `logit_scale`."""
-
-    def __init__(self, cfg: SCANConfig):
-        super().__init__(cfg.context_length, cfg.vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads,
-                         cfg.embed_dim, act_layer=nn.GELU)
-        self.visual = make_visual(cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+def make_clip(cfg: SCANConfig) -> CLIPModel:
+    """open_clip CLIP (nn.GELU): text keys at the top level, the image tower under `visual`, `logit_scale`."""
+    return CLIPModel(cfg.embed_dim, CLIP_SIZE, cfg.clip_patch, cfg.clip_width, cfg.clip_layers, cfg.clip_heads,
+                     cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.context_length, cfg.vocab_size,
+                     act_layer=nn.GELU)
 
 
 def make_visual(cfg: SCANConfig) -> VisionTransformer:
@@ -616,9 +246,8 @@ class ClipAdapter(nn.Module):
     def __init__(self, cfg: SCANConfig):
         super().__init__()
         self.non_object_embedding = nn.Parameter(torch.randn(1, cfg.embed_dim) * cfg.text_width ** -0.5)
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).reshape(1, 3, 1, 1) * 255.0)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).reshape(1, 3, 1, 1) * 255.0)
-        self.clip_model = CLIPModel(cfg)
+        clip_pixel_buffers(self)
+        self.clip_model = make_clip(cfg)
         self.original_clip = make_visual(cfg)
 
 
@@ -676,30 +305,7 @@ class FusionDecoder(nn.Module):
         return tgt
 
 
-class Criterion(nn.Module):
-    """Only the training buffer `empty_weight` (171 ones + 0.1 for no-object) that the checkpoint carries."""
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        w = torch.ones(num_classes + 1)
-        w[-1] = 0.1
-        self.register_buffer("empty_weight", w)
-
-
 # ================================================================================================== pure helpers
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """detectron2 BitMasks.get_bounding_boxes of non-empty [N, H, W] bool masks -> [N, 4] long (x0, y0, x1+1, y1+1)."""
-    n, h, w = masks.shape
-    cols, rows = masks.any(dim=1), masks.any(dim=2)
-    ax = torch.arange(w, device=masks.device).expand(n, w)
-    ay = torch.arange(h, device=masks.device).expand(n, h)
-    x0 = torch.where(cols, ax, w).amin(1)
-    x1 = torch.where(cols, ax, -1).amax(1) + 1
-    y0 = torch.where(rows, ay, h).amin(1)
-    y1 = torch.where(rows, ay, -1).amax(1) + 1
-    return torch.stack([x0, y0, x1, y1], 1)
-
-
 def draw_shift(background: list[list[int]], ratio: float, layers: list[int],
                rng: random.Random) -> dict[int, list[list[int]]]:
     """The contextual-shift draws in the official order: blocks outer, crops inner, `random.sample` called for
@@ -750,13 +356,14 @@ class SCAN(OVSegModel):
     IGNORED_PREFIXES = IGNORED_PREFIXES   # for load_checkpoint(ignore_prefixes=...)
 
     def __init__(self, cfg: SCANConfig = SCAN_L, protocol: Protocol | None = None, name: str = "scan"):
-        super().__init__(protocol or Protocol(pixel_mean=SEG_MEAN, pixel_std=SEG_STD))
+        # configs/scan_vitL.yaml PIXEL_MEAN / PIXEL_STD (the Swin segmenter's input): detectron2's ImageNet values
+        super().__init__(protocol or Protocol(pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD))
         self.cfg, self.name = cfg, name
         # children under the published state_dict's prefixes
         self.learnable_weight = nn.Parameter(torch.tensor([0.1]))
-        self.backbone = SwinBackbone(cfg)
+        self.backbone = SwinBackbone(cfg.swin_embed_dim, cfg.swin_depths, cfg.swin_heads, cfg.swin_window)
         self.sem_seg_head = SemSegHead(cfg, self.backbone.dims)
-        self.criterion = Criterion(cfg.num_train_classes)
+        self.criterion = EmptyWeightCriterion(cfg.num_train_classes)
         self.clip_adapter = ClipAdapter(cfg)
         layer = nn.TransformerEncoderLayer(d_model=cfg.embed_dim, nhead=cfg.scan_heads, batch_first=True)
         self.lightweight_transformer = nn.TransformerEncoder(layer, num_layers=cfg.light_layers,
@@ -780,10 +387,6 @@ class SCAN(OVSegModel):
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
         self.text_features = None
-
-    def settings_for(self, dataset: str) -> dict:
-        """Official per-dataset settings of this builder (module docstring); {} when none are published."""
-        return dict(DATASET_SETTINGS.get(self.name, {}).get(dataset, {}))
 
     # -- vocabulary ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -854,7 +457,7 @@ class SCAN(OVSegModel):
         Returns boxes [N, 4], crops [N, 3, 224, 224], masks224 [N, 1, 224, 224]."""
         ca = self.clip_adapter
         boxes = mask_boxes(masks)
-        fill = torch.tensor([255.0 * c for c in CLIP_MEAN], device=image.device).view(3, 1, 1)
+        fill = torch.tensor(CLIP_MEAN_FILL, device=image.device).view(3, 1, 1)
         crops, crop_masks = [], []
         for (l, t, r, b), m in zip(boxes.tolist(), masks):
             mk = m[t:b, l:r].to(image.dtype)[None]

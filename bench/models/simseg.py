@@ -53,7 +53,6 @@ The builder's defaults are the A-150 values (the golden fixtures were made with 
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -62,31 +61,11 @@ from torch import nn
 
 from bench import BenchError
 from bench.models.base import OVSegModel, Protocol
-from bench.models.clip import QuickGELU, TextTransformer, VisionTransformer, encode_with_templates
+from bench.models.clip import CLIP_MEAN_FILL, VILD_TEMPLATES, CLIPModel, clip_pixel_buffers, encode_with_templates
+from bench.models.common import (IMAGENET_MEAN, IMAGENET_STD, MLP, ConvNorm, EmptyWeightCriterion, mask_boxes,
+                                 sine_position_embedding)
 from bench.models.registry import register_model
 
-# zsseg.baseline @ d77c3af : mask_former/modeling/clip_adapter/utils.py : L9-10 (CLIP.PIXEL_MEAN / PIXEL_STD)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# zsseg.baseline @ d77c3af : mask_former/modeling/clip_adapter/utils.py : L93-108 (CLIP.VILD_PROMPT), verbatim
-VILD_TEMPLATES = (
-    "a photo of a {}.",
-    "This is a photo of a {}",
-    "There is a {} in the scene",
-    "There is the {} in the scene",
-    "a photo of a {} in the scene",
-    "a photo of a small {}.",
-    "a photo of a medium {}.",
-    "a photo of a large {}.",
-    "This is a photo of a small {}.",
-    "This is a photo of a medium {}.",
-    "This is a photo of a large {}.",
-    "There is a small {} in the scene.",
-    "There is a medium {} in the scene.",
-    "There is a large {} in the scene.",
-)
-IMAGENET_MEAN = (123.675, 116.280, 103.530)  # MODEL.PIXEL_MEAN / PIXEL_STD (detectron2 defaults, 0..255, RGB)
-IMAGENET_STD = (58.395, 57.120, 57.375)
 TEMPERATURE = 100.0  # hard-coded in ClipAdapter.get_sim_logits (not CLIP's logit_scale)
 CROP_SIZE = 224
 
@@ -107,22 +86,6 @@ class FrozenBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-
-
-class ConvNorm(nn.Conv2d):
-    """detectron2's `Conv2d`: convolution, then an optional child `norm`, then an optional ReLU."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 dilation: int = 1, bias: bool = False, norm: nn.Module | None = None, relu: bool = False):
-        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=bias)
-        self.norm = norm
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        return F.relu(x) if self.relu else x
 
 
 class DeepLabStem(nn.Module):
@@ -215,25 +178,6 @@ class BasePixelDecoder(nn.Module):
         return self.mask_features(y)
 
 
-def sine_position_embedding(b: int, h: int, w: int, device: torch.device, num_feats: int = 128,
-                            temperature: int = 10000) -> torch.Tensor:
-    """DETR's PositionEmbeddingSine(normalize=True, scale 2π, eps 1e-6) with no padding mask: [b, 2·num_feats, h, w],
-    channels = [y-part, x-part], each interleaving sin (even) / cos (odd)."""
-    not_mask = torch.ones(b, h, w, device=device)
-    y_embed = not_mask.cumsum(1, dtype=torch.float32)
-    x_embed = not_mask.cumsum(2, dtype=torch.float32)
-    eps, scale = 1e-6, 2 * math.pi
-    y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
-    x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=device)
-    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
-    pos_x = x_embed[:, :, :, None] / dim_t
-    pos_y = y_embed[:, :, :, None] / dim_t
-    pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
-    pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
-    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
-
-
 class DecoderLayer(nn.Module):
     """DETR post-norm decoder layer: self-attn (q=k=tgt+query_pos) → norm1 → cross-attn (q=tgt+query_pos,
     k=memory+pos, v=memory) → norm2 → FFN (ReLU) → norm3. Sequence-first tensors [L, B, C]."""
@@ -277,20 +221,6 @@ class DETRTransformer(nn.Module):
         self.decoder = TransformerDecoder(**kwargs)
 
 
-class MLP(nn.Module):
-    """`layers.0..n-1` Linear, ReLU between them (MaskFormer's MLP)."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int):
-        super().__init__()
-        dims = [in_dim] + [hidden] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [out_dim]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
 class ZeroShotPredictor(nn.Module):
     """`ZeroShotTransformerPredictor` on res5: input_proj 1×1 2048→256, 100 learned queries, 6 decoder layers;
     heads on the last (normed) decoder output: class_embed MLP 256→1024→512, mask_embed MLP 256→256→256→256."""
@@ -308,7 +238,7 @@ class ZeroShotPredictor(nn.Module):
     def forward(self, res5: torch.Tensor, mask_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> class embeddings [B, Q, 512] (not normalised), mask logits [B, Q, H/4, W/4]."""
         b, _, h, w = res5.shape
-        pos = sine_position_embedding(b, h, w, res5.device).to(res5.dtype).flatten(2).permute(2, 0, 1)
+        pos = sine_position_embedding(res5, self.query_embed.embedding_dim // 2).flatten(2).permute(2, 0, 1)
         memory = self.input_proj(res5).flatten(2).permute(2, 0, 1)
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
         hs = self.transformer.decoder(torch.zeros_like(query_pos), memory, pos, query_pos).transpose(0, 1)
@@ -326,26 +256,10 @@ class MaskFormerHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # CLIP ViT-B/16 (OpenAI layout: text tower at the top level, image tower under `visual`) and the adapter
 # ---------------------------------------------------------------------------------------------------------------
-class CLIPModel(TextTransformer):
-    """OpenAI CLIP ViT-B/16 with QuickGELU: `forward(tokens)` is the text tower, `visual(images)` the image tower.
-
-    The text forward runs only up to the longest EOT position of the batch: with the causal mask the tokens after
-    it cannot influence the EOT feature, so this is the same function as the 77-token forward, ~5× cheaper.
-    """
-
-    def __init__(self):
-        super().__init__(context_length=77, vocab_size=49408, width=512, layers=12, heads=8, output_dim=512,
-                         act_layer=QuickGELU)
-        self.visual = VisionTransformer(image_size=224, patch_size=16, width=768, layers=12, heads=12,
-                                        output_dim=512, act_layer=QuickGELU)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        n = int(tokens.argmax(dim=-1).max()) + 1
-        tokens = tokens[:, :n]
-        x = self.token_embedding(tokens) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
-        x = self.ln_final(self.transformer(x, self.attn_mask[:n, :n]))
-        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection
+def make_clip() -> CLIPModel:
+    """OpenAI CLIP ViT-B/16 with QuickGELU: `forward(tokens)` is the text tower, `visual(images)` the image tower."""
+    return CLIPModel(embed_dim=512, image_size=224, patch_size=16, vision_width=768, vision_layers=12,
+                     vision_heads=12, text_width=512, text_layers=12, text_heads=8)
 
 
 class ClipAdapter(nn.Module):
@@ -353,39 +267,16 @@ class ClipAdapter(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.clip_model = CLIPModel()
+        self.clip_model = make_clip()
         self.non_object_embedding = nn.Parameter(torch.randn(1, 512) * 512 ** -0.5)
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).reshape(1, 3, 1, 1) * 255.0)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).reshape(1, 3, 1, 1) * 255.0)
+        clip_pixel_buffers(self)
         # MASK_FILL "mean": 255·mean computed in double precision, as the official list comprehension does
-        self.register_buffer("mask_fill", torch.tensor([255.0 * c for c in CLIP_MEAN]).reshape(3, 1, 1),
-                             persistent=False)
-
-
-class SetCriterion(nn.Module):
-    """Training-only; kept for its `empty_weight` buffer (156 ones, then the no-object weight 0.1)."""
-
-    def __init__(self, num_classes: int = 156, eos_coef: float = 0.1):
-        super().__init__()
-        weight = torch.ones(num_classes + 1)
-        weight[-1] = eos_coef
-        self.register_buffer("empty_weight", weight)
+        self.register_buffer("mask_fill", torch.tensor(CLIP_MEAN_FILL).reshape(3, 1, 1), persistent=False)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """x / ||x|| over the last dim (the official `normalize_feature`; no epsilon)."""
     return x / x.norm(dim=-1, keepdim=True)
-
-
-def mask_boxes(bin_masks: torch.Tensor) -> torch.Tensor:
-    """Tight boxes of non-empty binary masks [N, h, w] -> int64 [N, 4] (x0, y0, x1, y1), x1/y1 exclusive
-    (detectron2 `BitMasks.get_bounding_boxes`)."""
-    cols = bin_masks.any(dim=1).to(torch.uint8)  # [N, w]
-    rows = bin_masks.any(dim=2).to(torch.uint8)  # [N, h]
-    x0, y0 = cols.argmax(dim=1), rows.argmax(dim=1)
-    x1 = cols.shape[1] - cols.flip(1).argmax(dim=1)
-    y1 = rows.shape[1] - rows.flip(1).argmax(dim=1)
-    return torch.stack([x0, y0, x1, y1], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,7 +291,7 @@ class SimSeg(OVSegModel):
                                               pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD))
         self.backbone = ResNetDeepLab()
         self.sem_seg_head = MaskFormerHead()
-        self.criterion = SetCriterion(num_train_classes)
+        self.criterion = EmptyWeightCriterion(num_train_classes)  # 156 ones, then the no-object weight 0.1
         self.clip_adapter = ClipAdapter()
         self.mask_thr = mask_thr
         self.ensemble_weight = ensemble_weight

@@ -1,0 +1,177 @@
+"""The golden fixtures' fill rules: rebuild, from a fixture's `manifest.json` alone, the exact state dict the
+official model was loaded with (strict) when its golden outputs were recorded.
+
+    from bench.testing.fills import golden_state_dict
+    sd = golden_state_dict("san", "tests/fixtures/golden/san_vit_b_16/manifest.json", scaled=True)
+
+One function per family (`san_state_dict`, `simseg_state_dict`, `scan_state_dict`; `FILLS` maps the family names
+to them). Every parameter is a crc32(key)-seeded `torch.randn` draw r, then (plain fill) r * 0.02, or 1 + r * 0.02
+for norm weights; the scaled fills override some keys, per family, as each fixture's README says:
+
+    san     side_adapter_network.mask_decoder.*.weight -> r / sqrt(fan_in); ov_classifier.logit_scale += log(100)
+    simseg  the rule is named per key in the manifest (`fill` / `scaled_fill`)
+    scan    SCAN_SCALED_RULES below, first match wins, never on norm weights
+
+Buffers keep the official initial values (stored in the manifest, or rebuilt: SAN's causal text mask, Swin's
+relative position index, detectron2's FrozenBatchNorm statistics). The generators that made the fixtures, with
+these rules as written when the fixtures were made, stay beside them in tests/fixtures/golden/ (their record);
+code imports this module.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from typing import Callable
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _draw(key: str, shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+
+
+def _fan_in(r: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    return r * (gain / math.sqrt(math.prod(r.shape[1:])))
+
+
+def _plain(r: torch.Tensor, norm_weight: bool) -> torch.Tensor:
+    t = r * 0.02
+    return 1.0 + t if norm_weight else t
+
+
+def _fill(manifest_path: str | os.PathLike, param: Callable[[str, list, dict], torch.Tensor],
+          buffer: Callable[[str, list, dict], torch.Tensor]) -> StateDict:
+    """{key: param(key, shape, entry) or buffer(key, shape, manifest)} over the manifest's keys, in its order."""
+    with open(manifest_path) as f:
+        man = json.load(f)
+    return {e["key"]: (param(e["key"], e["shape"], e) if e["kind"] == "param" else buffer(e["key"], e["shape"], man))
+            for e in man["keys"]}
+
+
+def _norm_weight(entry: dict) -> bool:
+    return entry["fill"] == "1+randn*0.02"
+
+
+def causal_mask(n: int = 77) -> torch.Tensor:
+    """[n, n]: -inf above the diagonal, 0 elsewhere (CLIP's text attention mask)."""
+    return torch.full((n, n), float("-inf")).triu_(1)
+
+
+# ------------------------------------------------------------------------------------------------------- SAN
+def san_state_dict(manifest_path: str | os.PathLike, scaled: bool = False) -> StateDict:
+    """SAN (san_vit_b_16 / san_vit_large_14 fixtures): golden.npz, or golden_scaled.npz with `scaled`."""
+
+    def param(key: str, shape: list, entry: dict) -> torch.Tensor:
+        r = _draw(key, shape)
+        if scaled and key.startswith("side_adapter_network.mask_decoder.") and key.endswith(".weight"):
+            return _fan_in(r)
+        t = _plain(r, _norm_weight(entry))
+        return math.log(100.0) + t if scaled and key == "ov_classifier.logit_scale" else t
+
+    def buffer(key: str, shape: list, man: dict) -> torch.Tensor:
+        if key == "criterion.empty_weight":
+            return torch.tensor(man["kept_buffers"][key], dtype=torch.float32)
+        if key == "ov_classifier.attn_mask":
+            return causal_mask(shape[0])
+        raise KeyError(f"unexpected buffer {key}")
+
+    return _fill(manifest_path, param, buffer)
+
+
+# ------------------------------------------------------------------------------------------------------- SimSeg
+_SIMSEG_RULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "randn*0.02": lambda r: r * 0.02,
+    "1+randn*0.02": lambda r: 1.0 + r * 0.02,
+    "randn": lambda r: r,
+    "randn/sqrt(fan_in)": _fan_in,
+    "2*randn/sqrt(fan_in)": lambda r: _fan_in(r, 2.0),
+}
+
+
+def _simseg_buffer(key: str, shape, man: dict) -> torch.Tensor:
+    if key in man["kept_buffers"]:
+        return torch.tensor(man["kept_buffers"][key], dtype=torch.float32).reshape(shape)
+    n = shape[0]
+    if key.endswith(".norm.weight"):
+        return torch.ones(n)
+    if key.endswith(".norm.bias") or key.endswith(".running_mean"):
+        return torch.zeros(n)
+    if key.endswith(".running_var"):
+        return torch.ones(n) - 1e-5  # detectron2 FrozenBatchNorm2d init (float32)
+    raise KeyError(key)
+
+
+def simseg_state_dict(manifest_path: str | os.PathLike, scaled: bool = False) -> StateDict:
+    """SimSeg (simseg fixture): golden.npz, or golden_scaled.npz with `scaled`."""
+
+    def param(key: str, shape: list, entry: dict) -> torch.Tensor:
+        return _SIMSEG_RULES[entry["scaled_fill"] if scaled else entry["fill"]](_draw(key, shape))
+
+    return _fill(manifest_path, param, _simseg_buffer)
+
+
+# ------------------------------------------------------------------------------------------------------- SCAN
+# ("fanin", prefix, gain): params under prefix with ndim >= 2 -> r * gain / sqrt(fan_in) (no 0.02 factor);
+# ("unit", key, gain): that key -> r * gain. Source: tests/fixtures/golden/scan_vit_l/README.md (scaled fill).
+SCAN_SCALED_RULES: tuple[tuple[str, str, float], ...] = (
+    ("unit", "sem_seg_head.predictor.query_feat.weight", 1.0),
+    ("unit", "sem_seg_head.predictor.query_embed.weight", 1.0),
+    ("unit", "sem_seg_head.pixel_decoder.mask_features.bias", -0.5),
+    ("fanin", "sem_seg_head.predictor.mask_embed.", 1.0),
+    ("fanin", "sem_seg_head.predictor.class_embed.", 1.0),
+    ("fanin", "sem_seg_head.predictor.transformer_", 0.5),
+    ("fanin", "fusion_decoder.", 1.0),
+    ("fanin", "lightweight_transformer.", 1.0),
+    ("fanin", "oriclip_mlp.", 1.0),
+    ("fanin", "LFM.", 1.0),
+    ("fanin", "clip_adapter.clip_model.transformer.", 1.0),
+    ("fanin", "clip_adapter.clip_model.visual.transformer.", 0.5),
+    ("fanin", "clip_adapter.original_clip.transformer.", 0.5),
+    ("unit", "learnable_weight", 10.0),
+)
+
+
+def _scan_param(key: str, shape, norm_weight: bool, scaled: bool) -> torch.Tensor:
+    r = _draw(key, shape)
+    if scaled and not norm_weight:
+        for kind, pattern, gain in SCAN_SCALED_RULES:
+            if kind == "unit" and key == pattern:
+                return r * gain
+            if kind == "fanin" and key.startswith(pattern) and len(shape) >= 2:
+                return _fan_in(r, gain)
+    return _plain(r, norm_weight)
+
+
+def _scan_buffer(key: str, shape: list, man: dict) -> torch.Tensor:
+    from bench.models.swin import swin_relative_position_index
+
+    if key.endswith("relative_position_index"):
+        return swin_relative_position_index(math.isqrt(shape[0]))
+    kept = man["kept_buffers"].get(key)
+    if isinstance(kept, dict):
+        return torch.tensor(kept["values"], dtype=getattr(torch, kept["dtype"])).reshape(kept["shape"])
+    raise KeyError(f"unexpected buffer {key}")
+
+
+def scan_state_dict(manifest_path: str | os.PathLike, scaled: bool = False) -> StateDict:
+    """SCAN ViT-L (scan_vit_l fixture): golden.npz, or golden_scaled*.npz with `scaled`."""
+    return _fill(manifest_path, lambda key, shape, entry: _scan_param(key, shape, _norm_weight(entry), scaled),
+                 _scan_buffer)
+
+
+FILLS: dict[str, Callable[..., StateDict]] = {"san": san_state_dict, "simseg": simseg_state_dict,
+                                              "scan": scan_state_dict}
+
+
+def golden_state_dict(family: str, manifest_path: str | os.PathLike, scaled: bool = False) -> StateDict:
+    """The filled state dict of `family`'s fixture at `manifest_path` (plain, or the scaled variant)."""
+    if family not in FILLS:
+        from bench import BenchError
+
+        raise BenchError(f"no golden fill for family {family!r}; known: {', '.join(FILLS)}")
+    return FILLS[family](manifest_path, scaled=scaled)

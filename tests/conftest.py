@@ -1,0 +1,65 @@
+"""Shared helpers of the golden tests (SAN, SimSeg, SCAN, CLIP): where the fixtures are, the tolerance measure,
+packed masks, and loading a fixture's filled weights through the same `load_checkpoint` a real checkpoint takes.
+
+The golden contract (clarifications §4): an array matches when max|ref - ours| <= tol * max|ref|. Test modules
+import these helpers (`from conftest import rel_err, ...`); the fill rules themselves live in `bench.testing.fills`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "golden"
+
+
+def as_numpy(x) -> np.ndarray:
+    """float64 numpy view of an array or tensor (detached, on the CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, np.float64)
+
+
+def rel_err(ref, got) -> float:
+    """max|ref - got| / max|ref| (shapes must agree)."""
+    ref, got = as_numpy(ref), as_numpy(got)
+    assert ref.shape == got.shape, (ref.shape, got.shape)
+    return float(np.abs(ref - got).max() / np.abs(ref).max())
+
+
+def assert_rel(ref, got, tol: float, what: str = "") -> None:
+    """Assert max|ref - got| <= tol * max|ref|, naming the array and the error when it fails."""
+    err = rel_err(ref, got)
+    assert err <= tol, f"{what}: max|ref-ours|/max|ref| = {err:.2e} over {tol:.0e}"
+
+
+def arrays_over(ref: Mapping, got: Mapping, names: Iterable[str], tol: float) -> dict[str, str]:
+    """{name: error} of the arrays among `names` whose error exceeds tol (empty when all match)."""
+    errors = {k: rel_err(ref[k], got[k]) for k in names}
+    return {k: f"{e:.2e}" for k, e in errors.items() if not e <= tol}
+
+
+def unpack_masks(npz: Mapping, name: str, width: int | None = None) -> np.ndarray:
+    """A fixture's bit-packed boolean masks (np.packbits along the last axis) -> bool, cut to `width` columns."""
+    bits = np.unpackbits(npz[name], axis=-1)
+    return (bits if width is None else bits[..., :width]).astype(bool)
+
+
+def load_filled(model: torch.nn.Module, family: str, manifest: Path, scaled: bool, path: Path, wrap: bool = True,
+                extra: Mapping[str, torch.Tensor] | None = None, ignore_prefixes: tuple[str, ...] = ()):
+    """Fill a fixture's state dict (bench.testing.fills), write it to `path` ({'model': sd} when `wrap`, plus any
+    `extra` keys), load it through `load_checkpoint` and delete the file. Returns the load report."""
+    from bench.models.checkpoint import load_checkpoint
+    from bench.testing.fills import golden_state_dict
+
+    state_dict = golden_state_dict(family, manifest, scaled=scaled)
+    state_dict.update(extra or {})
+    torch.save({"model": state_dict, "iteration": 0} if wrap else state_dict, path)
+    del state_dict
+    try:
+        return load_checkpoint(model, str(path), ignore_prefixes=ignore_prefixes)
+    finally:
+        path.unlink()
