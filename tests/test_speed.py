@@ -239,3 +239,22 @@ def test_crop_model_figures_scale_one_batch():
     assert f["latency_ms_model_min"] == pytest.approx(100 + 20 * 40 / 8)
     assert f["latency_over_floor_best_model"] == pytest.approx(f["latency_ms_model_min"]
                                                                / (f["gflops_timed_model"] / 125 * 1e3))
+
+
+@pytest.mark.parametrize("builder,family,fixture,scaled", [("san_vit_b_16", "san", "san_vit_b_16", True),
+                                                            ("san_vit_b_16", "san", "san_vit_b_16", False)])
+def test_benchmark_fill_is_the_fixture_fill(builder, family, fixture, scaled):
+    """profile.weights=golden fills a model from its own parameters (no fixture file): for SAN the same tensors as
+    the golden fixture's manifest-driven fill. (SimSeg's fixture fills some matrices by fan-in per key: without its
+    manifest the benchmark fill of SimSeg is close to it, not equal; the record says so.)"""
+    from bench.models import create_model
+    from bench.testing import fills
+
+    model = create_model(builder)
+    note = fills.fill_model(model, family, scaled=scaled)
+    ref = fills.golden_state_dict(family, ROOT / "tests" / "fixtures" / "golden" / fixture / "manifest.json",
+                                  scaled=scaled)
+    params = dict(model.named_parameters())
+    assert note.startswith("golden_scaled" if scaled else "golden fill") and set(params) <= set(ref)
+    for key, p in params.items():
+        assert torch.equal(p.detach(), ref[key]), key

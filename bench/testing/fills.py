@@ -175,3 +175,31 @@ def golden_state_dict(family: str, manifest_path: str | os.PathLike, scaled: boo
 
         raise BenchError(f"no golden fill for family {family!r}; known: {', '.join(FILLS)}")
     return FILLS[family](manifest_path, scaled=scaled)
+
+
+def fill_model(model: torch.nn.Module, family: str | None, scaled: bool = True) -> str:
+    """Overwrite `model`'s parameters with `family`'s fill (the benchmark weights of `profile.weights=golden`:
+    non-flat scores, so label agreement and crop counts mean something) and keep its buffers, as the fixtures
+    do. Without a fixture manifest, a weight counts as a norm weight (filled 1 + randn*0.02) when its module's
+    class name contains "Norm". Returns what the record says about the weights."""
+    import tempfile
+
+    from bench import BenchError
+
+    if family not in FILLS:
+        raise BenchError(f"profile.weights=golden: model config golden_fill={family!r}; known fills: "
+                         f"{', '.join(FILLS)} (or use profile.weights=init)")
+    norm = {f"{name}.weight" for name, m in model.named_modules() if "Norm" in type(m).__name__}
+    keys = [{"key": k, "shape": list(p.shape), "kind": "param", "fill": "1+randn*0.02" if k in norm else "randn*0.02",
+             # SimSeg's scaled rules are per key in its manifest; without it: fan-in scaling for matrices
+             "scaled_fill": "1+randn*0.02" if k in norm else "randn/sqrt(fan_in)" if p.dim() >= 2 else "randn*0.02"}
+            for k, p in model.named_parameters()]
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump({"keys": keys, "kept_buffers": {}}, f)
+        f.flush()
+        state = golden_state_dict(family, f.name, scaled=scaled)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) & set(state):
+        raise BenchError(f"golden fill {family!r} does not fit {type(model).__name__}")
+    exact = "" if family == "san" else ", approximate: its fixture fills some keys by fan-in"
+    return f"{'golden_scaled' if scaled else 'golden'} fill ({family}; norm weights by module type{exact})"
