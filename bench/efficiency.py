@@ -1,0 +1,174 @@
+"""The cell's efficiency step: params, FLOPs, latency against the measured peak (bench.profile) for the cell's
+model, precision and compile mode, with what the profile settings add (golden-fill weights, label agreement with
+fp32 on the benchmark image, an op-category gap table, the speed targets), cached per (model, resolution,
+precision, device, threads, profile settings, library versions) so a sweep profiles each model once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bench import BenchError, records
+from bench import precision as precision_mod
+from bench import profile as prof
+from bench.data import load_class_names
+
+
+def short_side(cfg: DictConfig) -> int:
+    return int(cfg.resolution) if cfg.resolution is not None else int(cfg.model.protocol.short_side)
+
+
+def is_compiled(cfg: DictConfig) -> bool:
+    return cfg.compile != "eager"
+
+
+def profile_cache_path(cfg: DictConfig, device: torch.device) -> str:
+    """Efficiency figures do not depend on the weights or the dataset: one cache entry per (model, protocol,
+    precision, compile, device, threads, profile settings, library versions) serves every dataset of a sweep.
+    The git sha is not part of it (a results folder inside the repository would make it '-dirty' mid-run)."""
+    import bench
+
+    model = records.key_inputs({"model": OmegaConf.to_container(cfg.model, resolve=True)})["model"]
+    for name in ("dataset_settings", "class_name_overrides", "settings_not_published", "checkpoint"):
+        model.pop(name, None)
+    blob = {"model": model, "res": short_side(cfg), "precision": cfg.precision, "compile": cfg.compile,
+            "device": records.device_name(device), "threads": torch.get_num_threads(),
+            "profile": OmegaConf.to_container(cfg.profile, resolve=True), "repeat": cfg.get("repeat", 0),
+            "seed": cfg.seed, "versions": [bench.__version__, torch.__version__]}
+    digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(cfg.results_dir, "cache", f"profile-{digest}.json")
+
+
+def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[dict, dict]:
+    """Params, and (if profile.enabled) FLOPs + latency at resolution x resolution, plus what the profile settings
+    ask for (label agreement with fp32, an op-category gap table); written to the profile cache."""
+    pc = cfg.model.params
+    figures = prof.count_params(model, pc.trainable_prefixes or (), pc.text_prefixes or ())
+    figures["params_trainable_published"] = pc.get("trainable_published")
+    timings: dict = {}
+    if cfg.profile.enabled:
+        p = cfg.profile
+        compiled = is_compiled(cfg)
+        warmup, iters = prof.default_iters(device, p.warmup, p.iters, compiled)
+        figures["allocator"] = prof.configure_allocator(p.allocator)
+        figures["profile_weights"] = profile_weights(cfg, model)
+        if p.channels_last:
+            model.to(memory_format=torch.channels_last)
+        names = load_class_names(p.vocabulary)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.encode_vocabulary(names)
+        figures["text_encode_s"] = time.perf_counter() - t0
+        image = benchmark_image(p.image, short_side(cfg))
+        measured, timings = prof.profile_model(
+            model, short_side(cfg), device, cfg.precision, warmup, iters, int(p.crop_batch), cfg.compile,
+            p.throughput_batch, bool(p.interleave_peak), int(p.peak_size), image, bool(p.compile_freezing),
+            progress=f"{cfg.model.name} {cfg.precision}" if cfg.progress else None)
+        figures.update(measured, profile_vocabulary_size=len(names), cpu_flags=" ".join(cpu_flags()))
+        if figures.get("has_crops") or p.agreement:
+            figures.update(benchmark_image_figures(cfg, model, device, image, names))
+        if p.gap_table:
+            figures["gap_table_text"] = gap_table_text(cfg, model, image, figures)
+    records.atomic_write_json(profile_cache_path(cfg, device), {"figures": figures, "timings": timings})
+    return figures, timings
+
+
+def benchmark_image(path: str | None, resolution: int) -> np.ndarray:
+    if path is None:
+        return prof.deterministic_image(resolution)
+    try:
+        image = np.load(path)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"profile.image={path}: cannot read it as a .npy array ({e}); give an HxWx3 uint8 .npy") \
+            from None
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise BenchError(f"profile.image={path}: {image.dtype} {image.shape}; need an HxWx3 uint8 array")
+    return image
+
+
+def profile_weights(cfg: DictConfig, model) -> str:
+    """The weights profiling runs on: the seeded builder init, or the model's golden fill (non-flat scores, as in
+    the golden fixtures: label agreement and crop counts then mean something)."""
+    if cfg.profile.weights != "golden":
+        return "builder init (seeded random)"
+    from bench.testing import fills
+
+    return fills.fill_model(model, cfg.model.get("golden_fill"))
+
+
+def benchmark_image_figures(cfg: DictConfig, model, device: torch.device, image: np.ndarray,
+                            names: list[str]) -> dict:
+    """On the benchmark image: the crop count of crop models with these weights, and for a reduced precision the
+    label agreement with the same model in fp32 (the cell's own dataset settings, same weights)."""
+    with prof.precision_context(cfg.precision, device):
+        scores, crops, masks = prof.full_scores(model, image)
+    out: dict = {"crops_on_benchmark_image": crops}
+    if not (cfg.profile.agreement and precision_mod.is_reduced(cfg.precision)):
+        return out
+    from bench.cell import build_model, dataset_settings
+
+    reference = build_model(cfg, device, dtype=torch.float32)
+    profile_weights(cfg, reference)
+    reference.configure(**dataset_settings(cfg))
+    with torch.inference_mode():
+        reference.encode_vocabulary(names)
+    ref_scores, _, ref_masks = prof.full_scores(reference, image)
+    del reference
+    margin = float(cfg.profile.agreement_margin)
+    out.update(prof.label_agreement(ref_scores, scores, margin))
+    out["fp32_labels_distinct"] = int(ref_scores.argmax(dim=0).unique().numel())
+    if masks is not None and ref_masks is not None and masks.shape == ref_masks.shape:
+        m = prof.label_agreement(ref_masks, masks, margin)
+        out.update(mask_agreement=m["label_agreement"], mask_margin_pixel_fraction=m["margin_pixel_fraction"])
+    return out
+
+
+def gap_table_text(cfg: DictConfig, model, image: np.ndarray, figures: dict) -> str:
+    """The op-category table of end_to_end (crop models: + the crops scaled to the crop count), eager."""
+    from bench import gaptable
+
+    crop_batch = int(cfg.profile.crop_batch)
+    fns = prof.scope_fns(model, image, crop_batch, phases=True)
+    crops = cfg.profile.crop_count or figures.get("crops_on_benchmark_image") or 0
+    parts = [(fns["end_to_end"], 1.0)] + ([(fns["crops"], crops / crop_batch)] if "crops" in fns else [])
+    with prof.precision_context(cfg.precision, torch.device("cpu")):
+        profile = gaptable.collect_profile(parts)
+    flops = {"total": figures["gflops_timed_end_to_end"] * 1e9,
+             "attention": figures.get("gflops_attention_end_to_end", 0.0) * 1e9}
+    median = figures["latency_ms_end_to_end_median"]
+    if "crops" in fns:
+        flops["total"] += crops * figures["gflops_timed_per_crop"] * 1e9
+        median += crops * figures["latency_ms_per_crop"]
+    title = (f"{cfg.model.get('display') or cfg.model.name}: end_to_end, {cfg.precision}, compile {cfg.compile}, "
+             f"input {figures['input_hw']}, {figures['threads']} threads, K = {figures.get('profile_vocabulary_size')}"
+             + (f", fixed part + {crops} crops" if "crops" in fns else ""))
+    extra = [f"load average (1 min) when timed: {figures['load1']:.2f} on {os.cpu_count()} logical CPUs; weights: "
+             f"{figures.get('profile_weights')}"]
+    return gaptable.gap_table(title, profile, flops, figures["peak_gflops"], median, extra)
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that matter for fp32 / bf16 GEMMs (from /proc/cpuinfo), in a fixed order."""
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+              "amx_bf16", "amx_int8", "amx_fp16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        have = set()
+    return [fl for fl in wanted if fl in have]
+
+
+def speed_targets(cfg: DictConfig) -> dict:
+    """The latency / floor limits (and minimum label agreement) the sweep set for this model and precision kind."""
+    mine = (cfg.profile.get("targets") or {}).get(cfg.model.name) or {}
+    kind = precision_mod.peak_kind(cfg.precision)
+    out = {f"speed_target_{scope}": mine.get(f"{kind}_{scope}") for scope in prof.SCOPES}
+    out["speed_target_agreement"] = mine.get(f"{kind}_agreement")
+    return {k: v for k, v in out.items() if v is not None}
