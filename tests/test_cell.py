@@ -216,3 +216,23 @@ def test_stale_cells_are_recomputed_with_the_reason(tmp_path, san_checkpoint, ca
     third = run_cell(make_cfg(tmp_path, *args))
     assert "dataset now has 3 images, record has 4" in capsys.readouterr().out
     assert third["images_evaluated"] == 3
+
+
+@pytest.mark.parametrize("bad,expected", [("precision=fp8", "expected one of [fp32, tf32, amp_bf16, bf16, fp16]"),
+                                          ("resolution=abc", "could not be converted to Integer"),
+                                          ("max_images=0", "must be at least 1"),
+                                          ("compile=yes", "expected one of [eager, default"),
+                                          ("-m precision=fp32,fp9", "precision=fp9")])
+def test_bad_values_exit_2_in_one_line_without_a_record(tmp_path, bad, expected):
+    out = _cli(*bad.split(), f"results_dir={tmp_path}", f"data_root={tmp_path / 'data'}")
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_single_missing_cell_exits_3(tmp_path):
+    out = _cli("dataset=ade150", "profile.enabled=false", f"results_dir={tmp_path / 'r'}",
+               f"weights_dir={tmp_path / 'w'}", f"data_root={tmp_path / 'd'}", "hydra.run.dir=" + str(tmp_path / "o"))
+    assert out.returncode == 3, out.stderr[-500:]
+    assert "[missing]" in out.stdout
