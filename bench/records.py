@@ -110,7 +110,7 @@ def atomic_write_json(path: str, obj: Any, setting: str = "results_dir") -> None
 
 
 def lock_path(results_dir: str, key: str) -> str:
-    return os.path.join(runs_dir(results_dir), f"{key}.lock")
+    return os.path.join(results_dir, "locks", f"{key}.lock")   # beside runs/, which holds records only
 
 
 def _lock_holder(fd: int) -> str:
@@ -123,7 +123,7 @@ def _lock_holder(fd: int) -> str:
 
 @contextlib.contextmanager
 def cell_lock(results_dir: str, key: str) -> Iterator[str]:
-    """Hold `runs/<key>.lock` (an exclusive, non-blocking `flock`) while cell `key` is computed; yields its path.
+    """Hold `<results_dir>/locks/<key>.lock` (an exclusive, non-blocking `flock`) while cell `key` is computed; yields its path.
 
     Held elsewhere (another sweep, or a cell process whose sweep was killed): one-line BenchError naming the
     holder's pid. The kernel drops a lock with its process, so a kill -9 never leaves the cell locked; the file

@@ -24,6 +24,10 @@ def set_cache_dir(path: str | None) -> None:
     _cache_dir = path
 
 
+def cache_dir() -> str | None:
+    return _cache_dir
+
+
 def _fingerprint(module: nn.Module, prompts: list[str]) -> str:
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
