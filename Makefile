@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODELS ?= san_b,san_l,simseg,scan_l,scan_b
 DATASETS ?= ade847,pc459,ade150,pc59,voc20,voc20b
 
-.PHONY: setup test test-fast bench bench-cpu bench-gpu bench-overhead bench-repeat leaderboard weights clean
+.PHONY: setup test test-fast bench bench-cpu bench-vocab bench-gpu bench-overhead bench-repeat leaderboard weights clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench:
 bench-cpu:
 	$(PY) -m bench -m +sweep=cpu_speed $(ARGS)
 	$(PY) -m bench -m +sweep=cpu_speed model=san_b precision=fp32,bf16 compile=default $(ARGS)
+
+# Cost against vocabulary size: every model at K = 20, 59, 150, 459, 847 (conf/sweep/vocab_cost.yaml), evaluation
+# off; the leaderboard's "Cost against vocabulary size" table and plot.
+bench-vocab:
+	$(PY) -m bench -m +sweep=vocab_cost $(ARGS)
 
 # The GPU speed grid (issue: speed): every model x 448/640/896 x fp32/bf16 x eager/CUDA graphs, batch-1 latency
 # (20 warm-up, 100 timed) and batch-8 throughput; its own leaderboard file.

@@ -535,3 +535,26 @@ def test_an_unwritable_results_dir_is_one_line_and_nonzero(tmp_path, how):
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert len(err) == 1 and err[0].startswith(f"error: cannot write {results}/runs.csv: ") and "results_dir=" in err[0]
     assert sorted(p.name for p in results.rglob("*")) == before            # no temp file, nothing half-written
+
+
+def test_cost_against_vocabulary_size_table_and_plot(tmp_path):
+    """Cells of one model at several K (make bench-vocab) give the table (one row per K, text cost apart) and the
+    GFLOPs-vs-K plot; a model measured at one K only is left out."""
+    import json
+
+    from bench.leaderboard import build_leaderboard
+
+    base = json.loads((FIXTURES / "runs" / "945baee3c78593e1.json").read_text())
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i, (k, gflops) in enumerate([(20, 101.0), (150, 127.0), (847, 250.0)]):
+        rec = dict(base, key=f"vocab{i:011d}", status="ok", evaluated=False, profile_vocabulary_size=k,
+                   gflops_model=gflops, gflops_text=0.5 * k, text_encode_s_uncached=0.01 * k, per_class=[])
+        (runs / f"{rec['key']}.json").write_text(json.dumps(rec))
+    build_leaderboard(str(tmp_path))
+    md = (tmp_path / "leaderboard.md").read_text()
+    section = md.split("## Cost against vocabulary size", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| SAN")]
+    assert [row.split("|")[5].strip() for row in rows] == ["20", "150", "847"]
+    assert "423.5" in section and "8.47" in section      # text GFLOPs and seconds of the 847-class vocabulary
+    assert (tmp_path / "leaderboard.gflops-vs-vocabulary.png").stat().st_size > 10_000

@@ -14,6 +14,7 @@ from bench.board.efficiency import compute_rows, crop_counts, speed_rows
 from bench.board.fmt import num, ordered, slug
 from bench.board.published import PRECISION_ORDER
 from bench.board.tables import Page, partial, pick
+from bench.board.vocab import vocab_plot
 
 
 def plots_section(page: Page, results_dir: str) -> tuple[list[str], list[str]]:
@@ -34,6 +35,7 @@ def plots_section(page: Page, results_dir: str) -> tuple[list[str], list[str]]:
     crops = crop_counts(page.runs)
     _compute_plots(page, out, emit, colors, labels, crops)
     _speed_plot(page, out, emit, colors, labels, crops)
+    vocab_plot(page, emit, colors, labels)
     return out, written
 
 

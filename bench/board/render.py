@@ -22,6 +22,7 @@ from bench.board.floor import HEADING as FLOOR_HEADING
 from bench.board.floor import floor_section
 from bench.board.fmt import plural, slug
 from bench.board.published import catalog
+from bench.board.vocab import vocab_section
 from bench.board.sections import drill_down_section, no_result_section, provenance_section
 from bench.board.tables import (FILTER_KEYS, Page, apply_filters, load_records, per_class_table, prepare, read_tables,
                                 runs_table)
@@ -51,6 +52,7 @@ def markdown(page: Page, plots_lines: list[str]) -> str:
     parts += accuracy_section(page)
     parts += efficiency_section(page)
     parts += floor
+    parts += vocab_section(page)
     parts += plots_lines
     parts += drill_down_section(page)
     parts += no_result_section(page)
