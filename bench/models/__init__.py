@@ -3,4 +3,4 @@
 Importing this package registers every family's builders (explicitly, below), like timm's model modules.
 """
 from bench.models.registry import create_model, list_models, register_model  # noqa: F401
-from bench.models import san, scan, simseg  # noqa: F401,E402
+from bench.models import catseg, san, scan, simseg  # noqa: F401,E402
