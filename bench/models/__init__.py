@@ -5,4 +5,4 @@ from outside the package come in through `create_model` too: an entry point of t
 or a dotted path `package.module:function` (see `bench.models.registry`).
 """
 from bench.models.registry import create_model, list_models, register_model  # noqa: F401
-from bench.models import san, scan, simseg  # noqa: F401,E402
+from bench.models import catseg, san, scan, simseg  # noqa: F401,E402
