@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-MODELS ?= san_b,san_l,simseg,scan_l,scan_b
+MODELS ?= san_b,san_l,simseg,scan_l,scan_b,catseg_b,catseg_l
 DATASETS ?= ade847,pc459,ade150,pc59,voc20,voc20b
 
 .PHONY: setup test test-fast bench bench-cpu bench-vocab bench-gpu bench-overhead bench-repeat leaderboard weights clean

@@ -181,15 +181,17 @@ def download_http(url: str, part: str, expected_size: int | None = None, progres
     raise BenchError(f"{url} could not resume {part} twice in a row; delete it and rerun")
 
 
-def download_hf(repo: str, file: str, part: str, revision: str | None = None) -> str:
+def download_hf(repo: str, file: str, part: str, revision: str | None = None, repo_type: str | None = None) -> str:
     """Through `huggingface_hub` (its cache, resume and HF_HUB_OFFLINE), then hard-link (or copy) into `part`.
+    `repo_type` "space" for files in a Space (CAT-Seg's weights), None for a model repository.
 
     Returns the URL the file came from (for messages)."""
     from huggingface_hub import constants, hf_hub_download
 
-    url = f"{constants.ENDPOINT}/{repo}/resolve/{revision or 'main'}/{file}"
+    prefix = {"space": "spaces/", "dataset": "datasets/"}.get(repo_type or "", "")
+    url = f"{constants.ENDPOINT}/{prefix}{repo}/resolve/{revision or 'main'}/{file}"
     try:
-        cached = hf_hub_download(repo, file, revision=revision, local_files_only=True)
+        cached = hf_hub_download(repo, file, revision=revision, repo_type=repo_type, local_files_only=True)
     except Exception:  # noqa: BLE001 - not in the local cache (whatever the exception class of the version)
         cached = None
     if cached is None:
@@ -197,7 +199,7 @@ def download_hf(repo: str, file: str, part: str, revision: str | None = None) ->
             raise SourceError(f"HF_HUB_OFFLINE is set and {repo}/{file} is not in the Hugging Face cache")
         _probe(constants.ENDPOINT)
         try:
-            cached = hf_hub_download(repo, file, revision=revision)
+            cached = hf_hub_download(repo, file, revision=revision, repo_type=repo_type)
         except Exception as e:  # noqa: BLE001 - network, auth, 404: one line either way
             raise SourceError(f"Hugging Face download of {url} failed ({type(e).__name__}: {_first_line(e)})") from e
     cached = os.path.realpath(cached)

@@ -228,9 +228,10 @@ def _download(checkpoint: Mapping, file: str, final: str, part: str, size: int |
 
     if not url and hf_repo and _have("huggingface_hub"):
         try:
-            return download_hf(str(hf_repo), file, part)
+            return download_hf(str(hf_repo), file, part, repo_type=checkpoint.get("hf_repo_type"))
         except SourceError as e:
-            src = urls[0] if urls else f"https://huggingface.co/{hf_repo}/resolve/main/{file}"
+            space = "spaces/" if checkpoint.get("hf_repo_type") == "space" else ""
+            src = urls[0] if urls else f"https://huggingface.co/{space}{hf_repo}/resolve/main/{file}"
             raise BenchError(f"{e}: download {where} from {src} and {put}") from e
 
     if not url and (gdrive_id or any(_is_gdrive(u) for u in urls)):

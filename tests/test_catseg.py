@@ -19,6 +19,7 @@ from bench import BenchError
 from bench.models import create_model
 from bench.models.catseg import first_synonym, shifted_window_mask
 from bench.models.checkpoint import load_checkpoint, load_state_dict_strict
+from bench.testing.fills import golden_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden"
@@ -91,7 +92,9 @@ def golden_runs(catseg, tmp_path_factory):
     the 640x640 input with the fixture's vocabulary (CAT-Seg's own JSON strings)."""
     name, model = catseg
     folder = GOLDEN / EXPECTED[name][0]
-    state_dict = fill_reference.golden_state_dict(folder / "manifest.json")
+    state_dict = golden_state_dict("catseg", folder / "manifest.json")
+    assert all(torch.equal(v, ref) for v, ref in zip(state_dict.values(), fill_reference.golden_state_dict(
+        folder / "manifest.json").values())), "bench.testing.fills differs from the fixture's own fill rule"
     path = tmp_path_factory.mktemp("catseg") / f"{name}.pth"
     torch.save({"model": state_dict}, path)
     del state_dict

@@ -651,7 +651,7 @@ class CATSeg(OVSegModel):
             capture = {} if return_intermediates else None
             logits.append(self.forward_views(self.views(image[:, :h, :w]), capture))
             inter.append(capture)
-        out = {"window_logits": torch.stack(logits)}
+        out = {"window_logits": torch.stack(logits), "image_sizes": [tuple(s) for s in sizes]}
         if return_intermediates:
             out["intermediates"] = inter
         return out
@@ -660,17 +660,23 @@ class CATSeg(OVSegModel):
                     output_sizes: list[tuple[int, int]], class_chunk: int = 64) -> list[torch.Tensor]:
         """Per image: each view's logits -> bilinear to kernel² -> sigmoid; windows folded onto the out_res canvas
         (overlaps averaged), averaged with the global view's scores resized to out_res; then bilinear to the output
-        size -> [K, H0, W0]. Classes go `class_chunk` at a time (memory)."""
+        size -> [K, H0, W0]. Classes go `class_chunk` at a time (memory).
+
+        The canvas covers the image at the size the forward cut (`outputs['image_sizes']`); an image size claimed
+        smaller than that is its top-left part (the canvas at the forward's size, cropped, then resized)."""
         results = []
-        for logits, (h0, w0) in zip(outputs["window_logits"], output_sizes):
+        seen = outputs.get("image_sizes") or image_sizes
+        for logits, size, fwd, (h0, w0) in zip(outputs["window_logits"], image_sizes, seen, output_sizes):
             k = logits.shape[1]
             out = logits.new_empty((k, h0, w0), dtype=torch.float32)
             for s in range(0, k, class_chunk):
-                out[s:s + class_chunk] = self._merge(logits[:, s:s + class_chunk].float(), (h0, w0))
+                out[s:s + class_chunk] = self._merge(logits[:, s:s + class_chunk].float(), (h0, w0),
+                                                     tuple(size), tuple(fwd))
             results.append(out)
         return results
 
-    def _merge(self, logits: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    def _merge(self, logits: torch.Tensor, out_size: tuple[int, int], size: tuple[int, int] | None = None,
+               seen: tuple[int, int] | None = None) -> torch.Tensor:
         """[n_views, k, 4g, 4g] logits -> [k, H0, W0] scores (the official fold / average / resize)."""
         cfg = self.cfg
         r, ker = cfg.out_res, cfg.kernel
@@ -683,7 +689,10 @@ class CATSeg(OVSegModel):
             count[:, y:y + ker, x:x + ker] += 1
         whole = F.interpolate(scores[-1:], size=(r, r), mode="bilinear", align_corners=False)[0]
         merged = (total / count + whole) / 2
-        if tuple(out_size) != (r, r):
+        if size is not None and seen is not None and size != seen:     # a claimed image smaller than the forward's
+            merged = F.interpolate(merged[None], size=seen, mode="bilinear", align_corners=False)[0]
+            merged = merged[:, :size[0], :size[1]]
+        if tuple(out_size) != tuple(merged.shape[-2:]):
             merged = F.interpolate(merged[None], size=out_size, mode="bilinear", align_corners=False)[0]
         return merged
 

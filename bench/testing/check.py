@@ -173,9 +173,10 @@ def _check(model: OVSegModel, names: list[str], image_size, own_padding: bool, r
     k, device, d = len(names), model.pixel_mean.device, model.protocol.size_divisibility
     first, second = check_images(image_size, seed)
     resized = shortest_edge_size(*image_size, model.protocol.short_side, model.protocol.max_size)
-    if resized[0] == resized[1] or resized[0] % d == 0 or resized[1] % d == 0:
+    if resized[0] == resized[1] or (d > 1 and (resized[0] % d == 0 or resized[1] % d == 0)):
         raise ValueError(f"check_model: image_size {image_size} resizes to {resized}; choose one whose resized size "
-                         f"is non-square and no multiple of {d} in either side, so the padding is exercised")
+                         f"is non-square and (size_divisibility {d} > 1) no multiple of it in either side, so the padding "
+                         f"is exercised")
     out = {}
 
     # 1-2. surface, shapes, round trip

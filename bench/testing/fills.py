@@ -4,13 +4,14 @@ official model was loaded with (strict) when its golden outputs were recorded.
     from bench.testing.fills import golden_state_dict
     sd = golden_state_dict("san", "tests/fixtures/golden/san_vit_b_16/manifest.json", scaled=True)
 
-One function per family (`san_state_dict`, `simseg_state_dict`, `scan_state_dict`; `FILLS` maps the family names
+One function per family (`san_state_dict`, `simseg_state_dict`, `scan_state_dict`, `catseg_state_dict`; `FILLS` maps the family names
 to them). Every parameter is a crc32(key)-seeded `torch.randn` draw r, then (plain fill) r * 0.02, or 1 + r * 0.02
 for norm weights; the scaled fills override some keys, per family, as each fixture's README says:
 
     san     side_adapter_network.mask_decoder.*.weight -> r / sqrt(fan_in); ov_classifier.logit_scale += log(100)
     simseg  the rule is named per key in the manifest (`fill` / `scaled_fill`)
     scan    SCAN_SCALED_RULES below, first match wins, never on norm weights
+    catseg  no scaled variant (the plain fill is used for both)
 
 Buffers keep the official initial values (stored in the manifest, or rebuilt: SAN's causal text mask, Swin's
 relative position index, detectron2's FrozenBatchNorm statistics). The generators that made the fixtures, with
@@ -164,8 +165,26 @@ def scan_state_dict(manifest_path: str | os.PathLike, scaled: bool = False) -> S
                  _scan_buffer)
 
 
+# ---------------------------------------------------------------------------------------------------- CAT-Seg
+def _catseg_buffer(key: str, shape: list, man: dict) -> torch.Tensor:
+    """The only persistent buffers: the Swin blocks' shifted-window masks ([nW, w*w, w*w], 0 / -100)."""
+    from bench.models.catseg import shifted_window_mask
+
+    if not key.endswith("swin_block.block_2.attn_mask"):
+        raise KeyError(f"unexpected CAT-Seg buffer {key}")
+    window = math.isqrt(shape[1])
+    return shifted_window_mask(math.isqrt(shape[0]) * window, window, window // 2)
+
+
+def catseg_state_dict(manifest_path: str | os.PathLike, scaled: bool = False) -> StateDict:
+    """CAT-Seg (catseg_b / catseg_l fixtures): golden*.npz. One fill only (no scaled variant): the plain fill
+    already gives non-flat scores, so `scaled` is accepted and changes nothing."""
+    return _fill(manifest_path, lambda key, shape, entry: _plain(_draw(key, shape), _norm_weight(entry)),
+                 _catseg_buffer)
+
+
 FILLS: dict[str, Callable[..., StateDict]] = {"san": san_state_dict, "simseg": simseg_state_dict,
-                                              "scan": scan_state_dict}
+                                              "scan": scan_state_dict, "catseg": catseg_state_dict}
 
 
 def golden_state_dict(family: str, manifest_path: str | os.PathLike, scaled: bool = False) -> StateDict:
