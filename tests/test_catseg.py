@@ -17,7 +17,8 @@ import torch
 
 from bench import BenchError
 from bench.models import create_model
-from bench.models.catseg import first_synonym, shifted_window_mask
+from bench.models.catseg import first_synonym
+from bench.models.swin import swin_shift_mask
 from bench.models.checkpoint import load_checkpoint, load_state_dict_strict
 from bench.testing.fills import golden_state_dict
 
@@ -130,7 +131,7 @@ def test_state_dict_matches_published_layout(catseg):
     assert buffers == sorted(e["key"] for e in manifest["keys"] if e["kind"] == "buffer")
     for key in buffers:   # the Swin shifted-window masks keep the official values
         assert torch.equal(state[key], fill_reference.shifted_window_mask()), key
-    assert torch.equal(shifted_window_mask(24, 12, 6), fill_reference.shifted_window_mask())
+    assert torch.equal(swin_shift_mask(24, 24, 12, 6, torch.device("cpu")), fill_reference.shifted_window_mask())
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 

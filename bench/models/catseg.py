@@ -44,7 +44,9 @@ from torch import nn
 from bench import BenchError
 from bench.models.base import OVSegModel, Protocol
 from bench.models.clip import MLP, LayerNormFp32, QuickGELU, encode_with_templates, resize_pos_embed
+from bench.models.common import Mlp
 from bench.models.registry import register_model
+from bench.models.swin import swin_shift_mask, window_partition, window_reverse
 
 TEMPLATE = "A photo of a {} in the scene"     # PROMPT_ENSEMBLE_TYPE "single" (cat_seg_predictor.py)
 
@@ -241,19 +243,6 @@ def first_synonym(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Aggregator (cat_seg/modeling/transformer/model.py)
 # ---------------------------------------------------------------------------------------------------------------
-class Mlp(nn.Module):
-    """timm's Mlp (fc1, exact GELU, fc2)."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class WindowAttention(nn.Module):
     """Window self-attention whose queries and keys see [features; guidance], values the features only."""
 
@@ -277,34 +266,6 @@ class WindowAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
-def window_partition(x: torch.Tensor, w: int) -> torch.Tensor:
-    """[N, H, W, C] -> [N * (H/w) * (W/w), w*w, C], windows row-major."""
-    n, h, wd, c = x.shape
-    x = x.view(n, h // w, w, wd // w, w, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, w * w, c)
-
-
-def window_reverse(x: torch.Tensor, w: int, h: int, wd: int) -> torch.Tensor:
-    """Inverse of window_partition: [N * nW, w*w, C] -> [N, H, W, C]."""
-    c = x.shape[-1]
-    x = x.view(-1, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, h, wd, c)
-
-
-def shifted_window_mask(size: int, window: int, shift: int) -> torch.Tensor:
-    """Swin's mask for the cyclically shifted windows: [nW, w*w, w*w], 0 within a region, -100 across."""
-    img = torch.zeros(1, size, size, 1)
-    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for hs in cuts:
-        for ws in cuts:
-            img[:, hs, ws, :] = label
-            label += 1
-    windows = window_partition(img, window)[..., 0]              # [nW, w*w]
-    diff = windows[:, None, :] - windows[:, :, None]
-    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
-
-
 class SwinTransformerBlock(nn.Module):
     """Pre-norm Swin block on one class's [H*W, C] cost embedding, guidance concatenated after norm1."""
 
@@ -319,7 +280,8 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, 4 * dim)
         # persistent (in the published state_dict) for the shifted block only, as the official module
-        self.register_buffer("attn_mask", shifted_window_mask(size, self.window, self.shift) if self.shift else None)
+        self.register_buffer("attn_mask", swin_shift_mask(size, size, self.window, self.shift, torch.device("cpu"))
+                             if self.shift else None)
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """x [N, H*W, C], guidance [N, H*W, G] -> [N, H*W, C]."""
@@ -328,8 +290,8 @@ class SwinTransformerBlock(nn.Module):
         y = torch.cat([self.norm1(x), guidance], dim=-1).view(n, s, s, -1)
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y = self.attn(window_partition(y, w), self.attn_mask)
-        y = window_reverse(y, w, s, s)
+        y = self.attn(window_partition(y, w).flatten(0, 1), self.attn_mask)
+        y = window_reverse(y.view(n, -1, w * w, y.shape[-1]), w, s, s)
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
         x = x + y.reshape(n, hw, c)

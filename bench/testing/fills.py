@@ -168,12 +168,13 @@ def scan_state_dict(manifest_path: str | os.PathLike, scaled: bool = False) -> S
 # ---------------------------------------------------------------------------------------------------- CAT-Seg
 def _catseg_buffer(key: str, shape: list, man: dict) -> torch.Tensor:
     """The only persistent buffers: the Swin blocks' shifted-window masks ([nW, w*w, w*w], 0 / -100)."""
-    from bench.models.catseg import shifted_window_mask
+    from bench.models.swin import swin_shift_mask
 
     if not key.endswith("swin_block.block_2.attn_mask"):
         raise KeyError(f"unexpected CAT-Seg buffer {key}")
     window = math.isqrt(shape[1])
-    return shifted_window_mask(math.isqrt(shape[0]) * window, window, window // 2)
+    size = math.isqrt(shape[0]) * window
+    return swin_shift_mask(size, size, window, window // 2, torch.device("cpu"))
 
 
 def catseg_state_dict(manifest_path: str | os.PathLike, scaled: bool = False) -> StateDict:
