@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 MODELS ?= san_b,san_l,simseg,scan_l,scan_b,catseg_b,catseg_l
-DATASETS ?= ade847,pc459,ade150,pc59,voc20,voc20b
+DATASETS ?= ade847,pc459,ade150,pc59,voc20,voc20b,voc20b_proxies
 
 .PHONY: setup test test-fast bench bench-cpu bench-vocab bench-gpu bench-overhead bench-repeat leaderboard weights clean
 
@@ -20,7 +20,7 @@ test-fast:
 	$(PY) -m pytest -q -m "not slow"
 
 # The default run: a pipeline smoke cell (SAN-B, seeded random weights, generated data: marked "pipeline check",
-# never a result), then every model x the six datasets at each model's own protocol; the sweep ends by rebuilding
+# never a result), then every model x the six datasets (PAS-20b under both protocols) at each model's own protocol; the sweep ends by rebuilding
 # results/leaderboard.md. Cells without weights or data are recorded as missing with the expected path.
 bench:
 	$(PY) -m bench model=san_b dataset=synthetic synthesize_weights=true $(ARGS)

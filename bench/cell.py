@@ -26,7 +26,8 @@ from bench import BenchError, fingerprint, records
 from bench import config as bench_config
 from bench import profile as prof
 from bench.efficiency import efficiency_figures, profile_cache_path, speed_targets
-from bench.data import apply_class_name_overrides, build_dataset, load_class_names, spec_from_cfg
+from bench.data import (apply_class_name_overrides, build_dataset, proxy_predictions, spec_from_cfg,
+                        vocabulary_names)
 from bench.metrics import SemSegEvaluator
 from bench.models import create_model
 from bench.models.base import resize_uint8, shortest_edge_size
@@ -68,20 +69,35 @@ def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype | None
     return model.to(device=device, dtype=dtype or prof.model_dtype(cfg.precision))
 
 
+def per_dataset(cfg: DictConfig, table: str):
+    """The model config's entry of `table` for the cell's dataset; a scoring variant (`variant_of`) without its
+    own entry takes the entry of the dataset it is a variant of."""
+    entries = cfg.model.get(table) or {}
+    for name in (cfg.dataset.name, cfg.dataset.get("variant_of")):
+        if name is not None and name in entries:
+            return entries[name]
+    return None
+
+
+def settings_not_published(cfg: DictConfig) -> bool:
+    names = cfg.model.get("settings_not_published") or []
+    return cfg.dataset.name in names or cfg.dataset.get("variant_of") in names
+
+
 def dataset_settings(cfg: DictConfig) -> dict:
     """The model's per-dataset inference settings, plus settings it reads from elsewhere in the config
     (`settings_from_config`: name -> config path, e.g. void_reweight -> dataset.void_reweight)."""
-    settings = dict((cfg.model.get("dataset_settings") or {}).get(cfg.dataset.name) or {})
+    settings = dict(per_dataset(cfg, "dataset_settings") or {})
     for name, path in (cfg.model.get("settings_from_config") or {}).items():
         settings[name] = OmegaConf.select(cfg, path)
     return settings
 
 
 def vocabulary(cfg: DictConfig) -> list[str]:
-    """Class names in id order, with the model's own spelling where its registration differs (ids never change)."""
-    names = load_class_names(cfg.dataset.classes_file)
-    overrides = (cfg.model.get("class_name_overrides") or {}).get(cfg.dataset.name)
-    return apply_class_name_overrides(names, overrides)
+    """The names the model is asked for, in vocabulary-id order (the classes, or with proxies the dataset's
+    `vocabulary_file`), with the model's own spelling where its registration differs (ids never change)."""
+    names = vocabulary_names(spec_from_cfg(cfg.dataset))
+    return apply_class_name_overrides(names, per_dataset(cfg, "class_name_overrides"))
 
 
 def dataset_absent(cfg: DictConfig) -> str:
@@ -157,7 +173,8 @@ def evaluate(cfg: DictConfig, model, dataset, device: torch.device, formula: str
                 if not torch.isfinite(score).all():
                     raise BenchError(f"non-finite outputs on {item['file_name']}: the checkpoint holds NaN/Inf "
                                      "weights or the precision overflows; check the weights file")
-                evaluator.process(score.argmax(dim=0), item["label"].to(device, non_blocking=True))
+                labels = proxy_predictions(score.argmax(dim=0), dataset.spec.proxy_label)
+                evaluator.process(labels, item["label"].to(device, non_blocking=True))
     extra = {}
     if agree["images"]:
         extra = {"fp32_label_agreement_pct": 100.0 * agree["same"] / agree["pixels"],
@@ -212,6 +229,7 @@ def base_record(c: dict, key: str, device_name: str = "") -> dict:
     m, d = c["model"], c["dataset"]
     return {"key": key, "status": None, "reason": "", "model": m["name"], "model_display": m.get("display", m["name"]),
             "dataset": d["name"], "dataset_display": d.get("display_name", d["name"]),
+            "dataset_protocol": d.get("protocol"), "dataset_variant_of": d.get("variant_of"),
             "resolution": c["resolution"] if c["resolution"] is not None else m["protocol"]["short_side"],
             "resolution_is_protocol": c["resolution"] is None, "precision": c["precision"],
             "batch_size": c["batch_size"], "miou_formula": c["miou_formula"], "repeat": c.get("repeat", 0),
@@ -240,7 +258,7 @@ def _run(cfg: DictConfig, rec: dict) -> dict:
     text_cache.set_cache_dir(os.path.join(cfg.results_dir, "cache", "text") if cfg.text_cache else None)
     settings = dataset_settings(cfg)
     rec["dataset_settings"] = json.dumps(settings, sort_keys=True)
-    if cfg.dataset.name in (cfg.model.get("settings_not_published") or []):
+    if settings_not_published(cfg):
         rec["note"] = "settings not published (PAS-20's used)"
     rec.update(speed_targets(cfg))
     absent = absent_inputs(cfg) if cfg.evaluate else []

@@ -28,6 +28,12 @@ CompileMode = Enum("CompileMode", {m: m for m in ("eager", "default", "reduce-ov
 MiouFormula = Enum("MiouFormula", {"current": "current", "v06": "v06"})
 
 RUN = {"result": False}   # field metadata: this field never changes a result (left out of the record key)
+IF_SET = {"result": "if_set"}   # field metadata: in the record key only away from its default (a field added later
+                                # keeps the keys of every record written before it: same result, same key)
+
+
+def if_set_field(default: Any = None):
+    return field(default=default, metadata=IF_SET)
 
 
 def run_field(default: Any = None, factory=None):
@@ -82,7 +88,11 @@ class DatasetConfig:
     void_reweight: bool = False
     generate: bool = False
     synth: Dict[str, Any] = field(default_factory=dict)
+    vocabulary_file: Optional[str] = if_set_field()   # names the model is asked for, if not classes_file (proxies)
+    proxy_label: Optional[int] = if_set_field()       # predicted vocabulary ids >= this are scored as this label id
+    variant_of: Optional[str] = if_set_field()        # a scoring variant of this dataset: its model settings apply
     display_name: Optional[str] = run_field()
+    protocol: Optional[str] = run_field()    # how the dataset is scored, in words (shown on the leaderboard)
     registered_name: Optional[str] = run_field()
     official_val_images: Optional[int] = run_field()
     order: int = run_field(1000)
@@ -176,6 +186,8 @@ def _result_fields(schema, data: Any) -> Any:
     for name, value in data.items():
         f = kinds.get(name)
         if f is not None and f.metadata.get("result") is False:
+            continue
+        if f is not None and f.metadata.get("result") == "if_set" and value == f.default:
             continue
         sub = f.type if f is not None else None
         sub = _SCHEMAS.get(sub, sub) if isinstance(sub, str) else sub

@@ -199,7 +199,8 @@ def test_real_model_configs_have_published_sources_and_order():
     assert sorted(models, key=lambda m: models[m].order) == ["san_b", "san_l", "simseg", "scan_l", "scan_b", "catseg_b",
                                                              "catseg_l"]
     orders = published.dataset_orders()
-    assert sorted(orders, key=orders.get) == ["ade847", "pc459", "ade150", "pc59", "voc20", "voc20b", "synthetic"]
+    assert sorted(orders, key=orders.get) == ["ade847", "pc459", "ade150", "pc59", "voc20", "voc20b", "voc20b_proxies",
+                                                   "synthetic"]
 
 
 # ---------------------------------------------------------------------------------------------------- units

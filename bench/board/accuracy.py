@@ -182,6 +182,22 @@ def published_vs_measured(page: Page, sub: pd.DataFrame) -> str:
                                               "published", "Δ")})
 
 
+def protocol_notes(page: Page, sub: pd.DataFrame) -> list[str]:
+    """How each shown dataset is scored, from its records' `dataset_protocol`, once at least two shown datasets
+    say it (PAS-20b and PAS-20b (proxies)): a reader never compares across protocols without being told."""
+    if "dataset_protocol" not in sub.columns:
+        return []
+    shown = sub[sub["dataset_protocol"].fillna("") != ""]
+    if shown["dataset"].nunique() < 2:
+        return []
+    lines = []
+    for d in ordered(shown["dataset"], page.catalog.dataset_order):
+        r = shown[shown["dataset"] == d].iloc[-1]
+        lines.append(f"**{r['dataset_label']}**: {r['dataset_protocol']}")
+    return ["Protocols: " + "; ".join(lines) + ". A published figure sits in the column of the protocol its source "
+            "used; figures under different protocols are not comparable.", ""]
+
+
 def accuracy_section(page: Page) -> list[str]:
     df = page.runs[page.runs["status"].isin(["ok", "missing", "error"]) & ~page.runs["timing_only"]]
     tol = page.tolerance
@@ -210,6 +226,7 @@ def accuracy_section(page: Page) -> list[str]:
             sweep += [f"#### Short side {res:g}, {prec}", "",
                       accuracy_matrix(page, at[at["precision"] == prec], False, used), ""]
     out += matrices
+    out += protocol_notes(page, proto)
     if used:
         out += ["⚠ " + "; ".join(f"**{c}**: {FLAG_LEGEND[c]}" for c in FLAG_LEGEND if c in used) + ".", ""]
     if not proto[proto["ok_result"]].empty:

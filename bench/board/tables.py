@@ -21,8 +21,8 @@ from bench.board.published import PRECISION_ORDER, Catalog, ModelInfo
 log = logging.getLogger(__name__)
 
 RUN_COLUMNS = [
-    "key", "status", "reason", "model", "model_display", "dataset", "dataset_display", "resolution", "precision",
-    "batch_size", "repeat", "pipeline_check", "mIoU", "mIoU_current", "mIoU_v06", "miou_formula", "fwIoU", "mACC", "pACC",
+    "key", "status", "reason", "model", "model_display", "dataset", "dataset_display", "dataset_protocol", "resolution",
+    "precision", "batch_size", "repeat", "pipeline_check", "mIoU", "mIoU_current", "mIoU_v06", "miou_formula", "fwIoU", "mACC", "pACC",
     "SG-mIoU", "SG-mIoU_current", "SG-mIoU_v06", "sg_iou_table_official", "params_state_total", "params_total", "params_trainable",
     "params_trainable_published", "params_image_path", "gflops_model", "gflops_end_to_end", "gflops_model_fixed",
     "gflops_model_all_crops", "gflops_per_crop", "mean_crops", "latency_ms_model_median", "latency_ms_model_p90",
@@ -34,7 +34,8 @@ RUN_COLUMNS = [
     "cuda_version", "device_type", "device_name", "driver", "timestamp",
 ]
 # Never parsed as numbers (a hex sha can look like "123e45"; CUDA "12.10" is not 12.1).
-TEXT_COLUMNS = ["key", "status", "reason", "model", "model_display", "dataset", "dataset_display", "precision",
+TEXT_COLUMNS = ["key", "status", "reason", "model", "model_display", "dataset", "dataset_display", "dataset_protocol",
+                "precision",
                 "miou_formula", "timer", "peak_mem_kind", "dataset_settings", "note", "load_note", "checkpoint",
                 "checkpoint_sha256", "git_sha", "torch_version", "cuda_version", "device_type", "device_name", "driver",
                 "timestamp", "hostname", "class_name", "compile", "peak_kind", "gap_table"]

@@ -61,6 +61,10 @@ class DatasetSpec:
     void_reweight: bool = False
     generate: bool = False
     synth: Mapping[str, Any] = field(default_factory=dict)
+    vocabulary_file: str | None = None   # the names a model is asked for when they are not the classes (proxies)
+    proxy_label: int | None = None       # predicted vocabulary ids >= proxy_label count as label proxy_label
+    variant_of: str | None = None        # the dataset this one is a scoring variant of (same files, same labels)
+    protocol: str | None = None          # how the dataset is scored, in words; no effect on a result
     order: int | None = None          # place in the leaderboard's tables (bench.board); no effect on a result
 
     @property
@@ -240,6 +244,30 @@ def load_class_names(file: str | os.PathLike) -> list[str]:
     if dups := sorted({n for n in names if names.count(n) > 1}):
         raise BenchError(f"class-name file {path} has duplicate names {dups[:5]}; list each class once, in id order")
     return names
+
+
+def vocabulary_names(spec: DatasetSpec) -> list[str]:
+    """The names a model is asked for, in vocabulary-id order: the classes themselves, or (`vocabulary_file`) a
+    longer list whose ids from `proxy_label` on are proxies scored as that label (`proxy_predictions`)."""
+    where = f"conf/dataset/{spec.name}.yaml"
+    if spec.vocabulary_file is None:
+        if spec.proxy_label is not None:
+            raise BenchError(f"{where}: proxy_label={spec.proxy_label} needs a vocabulary_file that lists the proxies")
+        return load_class_names(spec.classes_file)
+    names = load_class_names(spec.vocabulary_file)
+    if spec.proxy_label is None and len(names) != spec.num_classes:
+        raise BenchError(f"{where}: vocabulary_file {spec.vocabulary_file} lists {len(names)} names for "
+                         f"{spec.num_classes} classes; set proxy_label or list one name per class")
+    if spec.proxy_label is not None and not 0 <= spec.proxy_label < min(spec.num_classes, len(names)):
+        raise BenchError(f"{where}: proxy_label={spec.proxy_label} must be a class id below {spec.num_classes} "
+                         f"and below the {len(names)} names of {spec.vocabulary_file}")
+    return names
+
+
+def proxy_predictions(labels, proxy_label: int | None):
+    """Predicted vocabulary ids -> label ids: every id >= proxy_label counts as proxy_label (in place); a dataset
+    without proxies is returned as it is. CAT-Seg's PAS-20b evaluator does the same (`pred[pred >= 20] = 20`)."""
+    return labels if proxy_label is None else labels.clamp_(max=proxy_label)
 
 
 def label_order_lut(spec: DatasetSpec) -> "list[int] | None":

@@ -440,6 +440,8 @@ def prepare(dataset: str, src: str | os.PathLike, data_root: str | os.PathLike, 
     """Raw download at `src` -> `dataset`'s prepared layout under `data_root`; returns the summary."""
     from bench.data.synth import load_dataset_cfg
 
+    if dataset not in PLANNERS and dataset in _variants():   # a scoring variant reads its base dataset's files
+        dataset = _variants()[dataset]
     if dataset not in PLANNERS:
         raise BenchError(f"no converter for dataset {dataset!r}; allowed: {list(DATASETS)}")
     if images not in ("copy", "symlink"):
@@ -453,6 +455,18 @@ def prepare(dataset: str, src: str | os.PathLike, data_root: str | os.PathLike, 
                              f"({Path(data_root) / m.layout.label_dir}); bench.data.check will call the root "
                              f"ambiguous until one is removed or chosen with layout=")
     return summary
+
+
+def _variants() -> dict[str, str]:
+    """Scoring variants (`variant_of` in conf/dataset/*.yaml, e.g. voc20b_proxies -> voc20b) -> their base."""
+    from bench.data.synth import CONF_DIR, load_dataset_cfg
+
+    out = {}
+    for path in sorted(CONF_DIR.glob("*.yaml")):
+        base = load_dataset_cfg(path.stem).get("variant_of")
+        if base:
+            out[path.stem] = base
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
