@@ -14,7 +14,7 @@ setup:
 	$(PY) -m pip install -e ".[test,cluster]"
 
 test:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from bench import BenchError, fingerprint, records
 from bench import config as bench_config
 from bench import profile as prof
-from bench.efficiency import efficiency_figures, profile_cache_path, speed_targets
+from bench.efficiency import dataset_k_figures, efficiency_figures, profile_cache_path, speed_targets
 from bench.data import (apply_class_name_overrides, build_dataset, proxy_predictions, spec_from_cfg,
                         vocabulary_names)
 from bench.metrics import SemSegEvaluator
@@ -345,7 +345,8 @@ def per_class_rows(metrics: dict, class_names: list[str]) -> list[dict]:
 
 def _finish_crop_figures(cfg: DictConfig, rec: dict, mean_crops: float | None) -> None:
     """Crop models: totals at the evaluated mean crop count, else `profile.crop_count`, else (efficiency-only
-    cells) the crop count on the benchmark image, else all 100 queries; then every model: the compute floor."""
+    cells) the crop count on the benchmark image, else all 100 queries; then every model: the compute floor and
+    the model scope's GFLOPs at the cell's own vocabulary size."""
     if rec.get("has_crops"):
         n = mean_crops
         if n is None:
@@ -355,6 +356,7 @@ def _finish_crop_figures(cfg: DictConfig, rec: dict, mean_crops: float | None) -
         rec["mean_crops"] = mean_crops
     if rec.get("peak_gflops"):
         rec.update(prof.add_floor(rec, rec["peak_gflops"]))
+    rec.update(dataset_k_figures(rec, len(vocabulary(cfg))))
 
 
 def input_fingerprints(cfg: DictConfig) -> dict:

@@ -70,14 +70,65 @@ def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[di
         measured, timings = prof.profile_model(
             model, short_side(cfg), device, cfg.precision, warmup, iters, int(p.crop_batch), cfg.compile,
             p.throughput_batch, bool(p.interleave_peak), int(p.peak_size), image, bool(p.compile_freezing),
-            progress=f"{cfg.model.name} {cfg.precision}" if cfg.progress else None)
+            progress=f"{cfg.model.name} {cfg.precision}" if cfg.progress else None,
+            budget_s=prof.cpu_latency_budget(device, p.iters))
         figures.update(measured, profile_vocabulary_size=len(names), cpu_flags=" ".join(cpu_flags()))
+        figures["gflops_model_at_k"] = model_flops_at_k(model, image, standard_vocabulary_sizes() | {len(names)})
         if figures.get("has_crops") or p.agreement:
             figures.update(benchmark_image_figures(cfg, model, device, image, names))
         if p.gap_table:
             figures["gap_table_text"] = gap_table_text(cfg, model, image, figures)
     records.atomic_write_json(profile_cache_path(cfg, device), {"figures": figures, "timings": timings})
     return figures, timings
+
+
+def standard_vocabulary_sizes() -> set[int]:
+    """K of every dataset config in conf/dataset (its vocabulary file, else its classes): 8, 20, 21, 59, 150, ..."""
+    from bench.data import spec_from_cfg, vocabulary_names
+    from bench.data.synth import CONF_DIR, load_dataset_cfg
+
+    return {len(vocabulary_names(spec_from_cfg(load_dataset_cfg(p.stem)))) for p in sorted(CONF_DIR.glob("*.yaml"))}
+
+
+def model_flops_at_k(model, image: np.ndarray, ks) -> dict[str, float]:
+    """{K: GFLOPs of the model scope (published computation order) with a K-class vocabulary}, counted from shapes
+    (bench.profile.count_flops_split on fake tensors: no forward runs). The K-class vocabulary repeats the names
+    already encoded (the models cache text per name, so no text tower runs either); the model's attributes are put
+    back afterwards. Each dataset cell takes its own K from it (`dataset_k_figures`). {} for a model whose forward
+    has value-dependent shapes (SimSeg, SCAN: the mask threshold picks the crops), which would need a real forward
+    per K."""
+    names = list(model.vocabulary or [])
+    if not names:
+        return {}
+    with torch.inference_mode():
+        x, sizes = model.preprocess([image])
+    kw = {"skip_crops": True} if hasattr(model, "crop_cost_fn") else {}
+    out: dict[str, float] = {}
+    for k in sorted(ks):
+        with prof.attributes_kept(model), torch.inference_mode():
+            model.encode_vocabulary((names * (k // len(names) + 1))[:k])
+            with model.published_computation():
+                counted = prof.count_flops_split(lambda: model(x, sizes, **kw), shapes_of=model)
+        if counted["counted_from"] != "shapes":
+            return {}
+        out[str(k)] = counted["total"] / 1e9
+    return out
+
+
+def dataset_k_figures(rec: dict, k: int) -> dict:
+    """The cell's own vocabulary size and the model scope's GFLOPs at it: the headline `gflops_model` (measured at
+    the profile vocabulary) moved by the shape-only difference between the two K (so crop models keep their crop
+    term); None where the model has no per-K figures."""
+    at_k = rec.get("gflops_model_at_k") or {}
+    k_profile = rec.get("profile_vocabulary_size")
+    out: dict = {"dataset_vocabulary_size": k, "gflops_model_dataset_k": None}
+    if rec.get("gflops_model") is None:
+        return out
+    if k == k_profile:
+        out["gflops_model_dataset_k"] = rec["gflops_model"]
+    elif str(k) in at_k and str(k_profile) in at_k:
+        out["gflops_model_dataset_k"] = rec["gflops_model"] + at_k[str(k)] - at_k[str(k_profile)]
+    return out
 
 
 def text_encoding_cost(model, names: list[str]) -> dict:

@@ -7,7 +7,9 @@ What is counted and timed (also written in the README and every record):
   labels: the model's fused `postprocess_labels` when it has one, else the argmax of `postprocess`'s per-class
   score maps). Crop models (SimSeg, SCAN): the fixed part (`forward(..., skip_crops=True)`) plus a `crops` scope of
   one batch of `crop_batch` crops, scaled to the crop count (`with_crop_count`).
-- FLOPs (`count_flops`): `torch.utils.flop_counter.FlopCounterMode` over one call, 2 FLOPs per MAC. PyTorch's CPU
+- FLOPs (`count_flops_split`): `torch.utils.flop_counter.FlopCounterMode` over one call, 2 FLOPs per MAC, on fake
+  tensors where the model's shapes do not depend on values (no arithmetic runs: CAT-Seg's 3 TFLOP forward is
+  counted in about a second), else over a real call (`flops_counted_from_<scope>` says which). PyTorch's CPU
   flash-attention kernel has no formula (it would count 0): it gets one, 2·B·H·Lq·Lk·(D+Dv), equal to what the math
   backend counts, kept apart as attention; a probe fails loudly if attention is not counted. Each scope is counted
   twice: in the published computation order (`gflops_<scope>`, comparable with the papers; `model.
@@ -21,6 +23,7 @@ What is counted and timed (also written in the README and every record):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import resource
@@ -31,12 +34,14 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from bench import BenchError
 from bench import precision as precision_mod
 
+log = logging.getLogger(__name__)
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune")  # reduce-overhead = CUDA graphs on GPU
 CROP_QUERIES = 100  # upper bound on crops: one per query
 SCOPES = ("model", "end_to_end")
@@ -79,9 +84,23 @@ def _counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping={op: _flash_cpu_attention_flops} if op is not None else {})
 
 
-def count_flops_split(fn: Callable[[], object]) -> dict:
-    """{'total', 'attention', 'by_op'} FLOPs of one call of `fn` (2 per MAC), attention counted (see docstring)."""
+def count_flops_split(fn: Callable[[], object], shapes_of: torch.nn.Module | None = None) -> dict:
+    """{'total', 'attention', 'by_op', 'counted_from'} FLOPs of one call of `fn` (2 per MAC), attention counted
+    (see docstring). With `shapes_of` (the model `fn` runs), the call first runs on fake tensors
+    (`FakeTensorMode`: shapes only, no arithmetic, the same FLOP formulas) and the model's attributes are put back
+    afterwards; a call whose shapes depend on values (nonzero, masked selection, .item()) is then run for real.
+    `counted_from` says which ('shapes' | 'run'); the two give the same count (bench.testing.check_model)."""
     _check_attention_counted()
+    if shapes_of is not None:
+        try:
+            with attributes_kept(shapes_of), FakeTensorMode(allow_non_fake_inputs=True):
+                return dict(_count(fn), counted_from="shapes")
+        except Exception as e:   # noqa: BLE001 - value-dependent shapes (or an op fake tensors lack): run it
+            log.debug("FLOPs from shapes failed (%s: %s); counting a real call", type(e).__name__, e)
+    return dict(_count(fn), counted_from="run")
+
+
+def _count(fn: Callable[[], object]) -> dict:
     counter = _counter()
     with torch.inference_mode(), counter:
         fn()
@@ -89,6 +108,31 @@ def count_flops_split(fn: Callable[[], object]) -> dict:
     attention = sum(v for k, v in by_op.items() if "attention" in str(k))
     return {"total": int(counter.get_total_flops()), "attention": int(attention),
             "by_op": {str(k): int(v) for k, v in by_op.items()}}
+
+
+@contextlib.contextmanager
+def attributes_kept(model: torch.nn.Module):
+    """Every module's attributes (and the contents of dict / list attributes, e.g. a text cache) as they were
+    before the block: a forward on fake tensors must not leave a fake tensor behind in a cache."""
+    saved = []
+    for m in model.modules():
+        attrs = dict(vars(m))
+        saved.append((m, attrs, {k: (dict(v) if isinstance(v, dict) else list(v))
+                                 for k, v in attrs.items() if isinstance(v, (dict, list))}))
+    try:
+        yield
+    finally:
+        for m, attrs, contents in saved:
+            for k in [k for k in vars(m) if k not in attrs]:
+                delattr(m, k)
+            for k, v in attrs.items():
+                if vars(m).get(k) is not v:
+                    object.__setattr__(m, k, v)
+                if k in contents and isinstance(v, dict):
+                    v.clear()
+                    v.update(contents[k])
+                elif k in contents:
+                    v[:] = contents[k]
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -148,9 +192,11 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int, probe: PeakProbe | None = None,
-          desc: str | None = None) -> tuple[list[float], list[float]]:
+          desc: str | None = None, budget_s: float | None = None) -> tuple[list[float], list[float]]:
     """The one timing loop: (ms per iteration after `warmup` untimed calls, GFLOP/s of the peak probe run just
-    before each iteration, or [] without a probe). `desc` shows a progress bar over warm-up + timed calls."""
+    before each iteration, or [] without a probe). `desc` shows a progress bar over warm-up + timed calls. With
+    `budget_s`, timing stops early once the timed iterations add up to it (at least one is timed): a 60-second
+    CPU forward is timed once or twice, not `iters` times; the record states the count."""
     bar = tqdm(total=warmup + iters, desc=desc, unit="it", leave=False, disable=desc is None)
     times, peaks = [], []
     with torch.inference_mode():
@@ -163,6 +209,8 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
                 peaks.append(probe.gflops())
             times.append(_time_once(fn, device))
             bar.update()
+            if budget_s is not None and sum(times) >= 1e3 * budget_s:
+                break
     bar.close()
     return times, peaks
 
@@ -201,10 +249,20 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def default_iters(device: torch.device, warmup: int | None, iters: int | None,
                   compiled: bool = False) -> tuple[int, int]:
-    """GPU: >= 20 warm-up (50 with torch.compile) and 100 timed iterations; CPU: 1 and 3 (stated in the record)."""
+    """GPU: >= 20 warm-up (50 with torch.compile) and 100 timed iterations; CPU: 1 and 3 (stated in the record),
+    fewer timed ones for a slow model (`cpu_latency_budget`)."""
     if device.type == "cuda":
         return (warmup if warmup is not None else 50 if compiled else 20), (100 if iters is None else iters)
     return (warmup if warmup is not None else 2 if compiled else 1), (3 if iters is None else iters)
+
+
+CPU_LATENCY_BUDGET_S = 20.0   # per scope, when profile.iters is left at its default on CPU
+
+
+def cpu_latency_budget(device: torch.device, iters: int | None) -> float | None:
+    """Seconds of timed iterations per scope: CPU with the default iteration count only (an explicit
+    `profile.iters` is timed in full; GPU iterations are milliseconds)."""
+    return CPU_LATENCY_BUDGET_S if device.type == "cpu" and iters is None else None
 
 
 # ---------------------------------------------------------------------------------------------------- scopes
@@ -312,10 +370,19 @@ def scope_figures(times: dict[str, list[float]], peaks: dict[str, list[float]], 
     return out
 
 
+def _warmup_of(scope: str, warmup: int, times: dict, budget_s: float | None) -> int:
+    """Warm-up calls before timing `scope`: none for end_to_end when a single model-scope call already took the
+    whole CPU budget (the same forward on the same input has just run; a minute-long CAT-Seg forward is not run
+    again only to be thrown away), else `warmup`."""
+    slow = budget_s is not None and times.get("model") and min(times["model"]) >= 1e3 * budget_s
+    return 0 if scope == "end_to_end" and slow else warmup
+
+
 def profile_model(model, resolution: int, device: torch.device, precision: str, warmup: int, iters: int,
                   crop_batch: int = 8, compile_mode: str = "eager", throughput_batch: int | None = None,
                   interleave_peak: bool = False, peak_size: int = 2048, image: np.ndarray | None = None,
-                  freezing: bool = True, progress: str | None = None) -> tuple[dict, dict]:
+                  freezing: bool = True, progress: str | None = None,
+                  budget_s: float | None = None) -> tuple[dict, dict]:
     """Returns (flat figures for the record, per-iteration timings by scope).
 
     FLOPs are counted on the eager model, in the published order and as timed; with a `compile_mode` other than
@@ -332,8 +399,9 @@ def profile_model(model, resolution: int, device: torch.device, precision: str, 
     flops, flops_timed = {}, {}
     for scope, fn in eager.items():
         with model.published_computation():    # the papers' count (a fast path may skip unread work)
-            flops[scope] = count_flops(fn) / 1e9
-        flops_timed[scope] = count_flops_split(fn)
+            flops[scope] = count_flops_split(fn, shapes_of=model)["total"] / 1e9
+        flops_timed[scope] = count_flops_split(fn, shapes_of=model)
+        out[f"flops_counted_from_{scope}"] = flops_timed[scope]["counted_from"]
     out["gflops_attention_end_to_end"] = flops_timed["end_to_end"]["attention"] / 1e9
     probes = []
     with precision_context(precision, device):
@@ -346,9 +414,13 @@ def profile_model(model, resolution: int, device: torch.device, precision: str, 
         times, peaks = {}, {}
         for scope, fn in fns.items():
             reset_peak_memory(device)
-            times[scope], peaks[scope] = timed(fn, device, warmup, iters, probe,
-                                               desc=f"{progress} {scope}" if progress else None)
+            w = _warmup_of(scope, warmup, times, budget_s)
+            out[f"latency_warmup_{scope}"] = w
+            times[scope], peaks[scope] = timed(fn, device, w, iters, probe,
+                                               desc=f"{progress} {scope}" if progress else None, budget_s=budget_s)
             probes += peaks[scope]
+        out["latency_iters"] = min(len(t) for t in times.values())   # fewer than asked when the budget ran out
+        out["latency_budget_s"] = budget_s
         out["peak_gflops_end"] = measure_peak(device, precision, peak_size)
         out["peak_mem_mb"] = peak_memory_mb(device)
         out["peak_mem_kind"] = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"

@@ -33,9 +33,19 @@ def key_inputs(config: dict) -> dict:
     return result_part(config)
 
 
+def _str_keys(value):
+    """Mapping keys as strings, recursively: `{7: "bed ", 11: "sidewalk"}` from a YAML file and the same mapping
+    after a JSON round trip (the isolated cell's child) must hash alike; sorting int keys and str keys differs."""
+    if isinstance(value, dict):
+        return {str(k): _str_keys(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_str_keys(v) for v in value]
+    return value
+
+
 def cell_key(config: dict) -> str:
     """Stable hash of the result-determining part of a resolved config (clarifications §17)."""
-    blob = json.dumps(key_inputs(config), sort_keys=True, default=str, separators=(",", ":"))
+    blob = json.dumps(_str_keys(key_inputs(config)), sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -91,6 +91,23 @@ class ReturnsTuple(Toy):
         return (super().forward(x, image_sizes)["logits"],)
 
 
+class CachesGrid(Toy):      # caches a per-size tensor during the forward (as position-embedding resizes do)
+    def forward(self, x, image_sizes):
+        self.grids = getattr(self, "grids", {})
+        key = tuple(x.shape[-2:])
+        if key not in self.grids:
+            self.grids[key] = torch.zeros(1, 1, x.shape[-2] // 4, x.shape[-1] // 4)
+        self.last_grid = self.grids[key]
+        return {"logits": super().forward(x, image_sizes)["logits"] + self.grids[key]}
+
+
+class SelectsByValue(Toy):  # a shape that depends on values: FLOPs cannot come from shapes alone
+    def forward(self, x, image_sizes):
+        out = super().forward(x, image_sizes)
+        _ = torch.nonzero(out["logits"] > 0)
+        return out
+
+
 def build(cls) -> Toy:
     torch.manual_seed(0)
     return cls()
@@ -126,6 +143,25 @@ def test_each_broken_model_fails_with_a_clear_message(cls, message):
     with pytest.raises(ModelCheckError, match=message) as err:
         check_model(build(cls), own_padding=True)
     assert str(err.value).startswith("check_model: ") and "\n" not in str(err.value)
+
+
+def test_flops_from_shapes_equal_a_real_count_and_leave_no_fake_tensor_behind():
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from bench.profile import count_flops_split
+
+    assert check_model(build(Toy))["flops_counted_from"] == "shapes"
+    model = build(CachesGrid)
+    assert check_model(model)["flops_counted_from"] == "shapes"
+    x = torch.zeros(1, 3, 64, 96)
+    model.encode_vocabulary(["a", "b"])
+    with torch.inference_mode():
+        fake = count_flops_split(lambda: model(x, [(64, 96)]), shapes_of=model)
+    assert fake["counted_from"] == "shapes" and fake["total"] > 0
+    kept = [model.last_grid, *model.grids.values()]
+    assert kept and not any(isinstance(t, FakeTensor) for t in kept)
+    assert (64, 96) not in model.grids             # the fake call's new cache entry is gone again
+    assert check_model(build(SelectsByValue))["flops_counted_from"] == "run"
 
 
 def test_not_a_model_and_unusable_image_sizes_are_refused():

@@ -560,3 +560,25 @@ def test_cost_against_vocabulary_size_table_and_plot(tmp_path):
     assert [row.split("|")[5].strip() for row in rows] == ["20", "150", "847"]
     assert "423.5" in section and "8.47" in section      # text GFLOPs and seconds of the 847-class vocabulary
     assert (tmp_path / "leaderboard.gflops-vs-vocabulary.png").stat().st_size > 10_000
+
+
+def test_gflops_at_each_dataset_vocabulary_come_from_the_records(tmp_path):
+    (tmp_path / "runs").mkdir()
+    cells = [("catseg_b", "CAT-Seg ViT-B/16", "ade847", "A-847", 847, 4256.9),
+             ("catseg_b", "CAT-Seg ViT-B/16", "ade150", "A-150", 150, 2997.7),
+             ("san_b", "SAN ViT-B/16", "ade150", "A-150", 150, 121.4)]
+    for i, (m, display, d, label, k, gf) in enumerate(cells):
+        rec = _record(key=f"k{i}", model=m, model_display=display, dataset=d, dataset_display=label, status="missing",
+                      mIoU=None, gflops_model=2997.7 if m == "catseg_b" else gf, dataset_vocabulary_size=k,
+                      gflops_model_dataset_k=gf, params_total=1, dataset_order=10 if d == "ade847" else 30)
+        (tmp_path / "runs" / f"k{i}.json").write_text(json.dumps(rec))
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    md = (tmp_path / "leaderboard.md").read_text()
+    section = md.split("### GFLOPs at each dataset's vocabulary")[1].split("\n### ")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| model"))
+    assert "A-847 (K=847)" in header and "A-150 (K=150)" in header
+    assert header.index("A-847") < header.index("A-150")                       # dataset order from the records
+    catseg = next(line for line in section.splitlines() if line.startswith("| CAT-Seg"))
+    assert "4 257" in catseg and "2 998" in catseg
+    san = next(line for line in section.splitlines() if line.startswith("| SAN"))
+    assert [c.strip() for c in san.strip("|").split("|")][-2:] == ["–", "121"]

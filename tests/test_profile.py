@@ -68,3 +68,61 @@ def test_compute_floor_from_measured_peak():
     out = add_floor({"gflops_model": 10.0, "latency_ms_model_median": 200.0}, 100.0)
     assert out["floor_ms_model"] == 100.0 and out["latency_over_floor_model"] == 2.0
     assert "floor_ms_end_to_end" not in out
+
+
+@pytest.mark.parametrize("family", ["catseg", "san"])
+def test_flops_at_each_vocabulary_size_from_shapes_equal_real_counts(family):
+    """`model_flops_at_k` (fake tensors, the encoded names repeated to K) gives what a real encode + forward of K
+    other names counts, for K below and above CAT-Seg's pad_len, and leaves the model's own vocabulary and outputs
+    as they were."""
+    import numpy as np
+
+    from bench.efficiency import dataset_k_figures, model_flops_at_k
+    from bench.models import create_model
+    from test_catseg import TINY as TINY_CATSEG
+    from test_san import TINY as TINY_SAN
+
+    builder, tiny = {"catseg": ("catseg_vit_b_16", TINY_CATSEG), "san": ("san_vit_b_16", TINY_SAN)}[family]
+    torch.manual_seed(0)
+    model = create_model(builder, **tiny).eval()
+    image = np.random.default_rng(0).integers(0, 256, (64, 80, 3)).astype(np.uint8)
+    own = ["sky", "road", "dog"]
+    with torch.inference_mode():
+        model.encode_vocabulary(own)
+        before = model.predict([image])[0]
+    at_k = model_flops_at_k(model, image, {3, 5, 11})
+    assert set(at_k) == {"3", "5", "11"} and at_k["3"] < at_k["11"]
+    assert model.vocabulary == own
+    with torch.inference_mode():
+        assert torch.equal(model.predict([image])[0], before)
+        x, sizes = model.preprocess([image])
+        for k in (5, 11):
+            model.encode_vocabulary([f"class {i}" for i in range(k)])
+            with model.published_computation():
+                assert count_flops(lambda: model(x, sizes)) / 1e9 == pytest.approx(at_k[str(k)], rel=1e-12)
+    rec = {"gflops_model": 100.0, "profile_vocabulary_size": 3, "gflops_model_at_k": at_k}
+    assert dataset_k_figures(rec, 3)["gflops_model_dataset_k"] == 100.0
+    assert dataset_k_figures(rec, 11) == {"dataset_vocabulary_size": 11,
+                                          "gflops_model_dataset_k": 100.0 + at_k["11"] - at_k["3"]}
+    assert dataset_k_figures(rec, 7)["gflops_model_dataset_k"] is None         # no figure for that K: none shown
+
+
+def test_timing_stops_at_the_budget_and_the_record_says_how_many_were_timed():
+    import time
+
+    from bench.profile import cpu_latency_budget, timed
+
+    times, _ = timed(lambda: time.sleep(0.05), torch.device("cpu"), warmup=0, iters=10, budget_s=0.12)
+    assert 1 <= len(times) <= 3 and sum(times) >= 120.0 - 1e-6 or len(times) == 3
+    assert len(timed(lambda: None, torch.device("cpu"), 0, 5, budget_s=60.0)[0]) == 5      # fast: all of them
+    assert cpu_latency_budget(torch.device("cpu"), None) == 20.0
+    assert cpu_latency_budget(torch.device("cpu"), 3) is None            # an explicit profile.iters is timed in full
+
+
+def test_a_slow_forward_is_not_warmed_up_twice():
+    from bench.profile import _warmup_of
+
+    assert _warmup_of("end_to_end", 1, {"model": [25_000.0]}, budget_s=20.0) == 0   # 25 s calls: already warm
+    assert _warmup_of("end_to_end", 1, {"model": [700.0] * 3}, budget_s=20.0) == 1  # SAN-B: warmed as usual
+    assert _warmup_of("end_to_end", 1, {"model": [25_000.0]}, budget_s=None) == 1   # explicit iters: as asked
+    assert _warmup_of("model", 1, {}, budget_s=20.0) == 1

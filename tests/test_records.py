@@ -70,3 +70,16 @@ def test_eight_concurrent_writers_lose_and_corrupt_nothing(tmp_path):
     assert all(not n.startswith(".tmp") for n in names)
     for n in names:
         json.loads((tmp_path / "runs" / n).read_text())  # every file parses
+
+
+def test_key_is_the_same_after_a_json_round_trip_of_int_keyed_mappings():
+    """An isolated cell's child reads its config back from JSON, where YAML's int keys ({7: 'bed ', 11: ...},
+    CAT-Seg's class-name overrides) became strings: parent and child must compute one key, and keys of configs
+    with at most one such key per mapping (every record written before) stay as they were."""
+    cfg = {**CFG, "model": {**CFG.get("model", {}), "class_name_overrides": {"ade150": {7: "bed ", 11: "sidewalk"}}}}
+    assert cell_key(cfg) == cell_key(json.loads(json.dumps(cfg)))
+    one = {**CFG, "model": {**CFG.get("model", {}), "class_name_overrides": {"voc20": {19: "tvmonitor"}}}}
+    import hashlib
+    old = hashlib.sha256(json.dumps(key_inputs(one), sort_keys=True, default=str,
+                                    separators=(",", ":")).encode()).hexdigest()[:16]
+    assert cell_key(one) == old

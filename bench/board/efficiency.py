@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from bench.board.fmt import (as_str, captioned_table, flops_rate, fmt, fmt_crops, fmt_int, fmt_pct, fmt_res, md_table,
-                             millions, num, sig)
+                             millions, num, ordered, sig)
 from bench.board.published import peak_gflops, peak_kind
 from bench.board.tables import Page, pick, precisions
 
@@ -176,6 +176,29 @@ def crop_dataset_rows(page: Page) -> list[dict]:
             for _, r in sub.iterrows()]
 
 
+def dataset_k_rows(page: Page) -> list[dict]:
+    """Model scope GFLOPs at each dataset's own vocabulary size (records' `gflops_model_dataset_k`), one row per
+    model at its protocol resolution (the newest record of each model and dataset)."""
+    df = page.runs
+    if df.empty or "gflops_model_dataset_k" not in df or "dataset_vocabulary_size" not in df:
+        return []
+    sub = df[df["at_protocol"] & df["gflops_model_dataset_k"].map(num).notna()]
+    if sub.empty:
+        return []
+    sub = sub.sort_values("timestamp").drop_duplicates(["model", "dataset"], keep="last")
+    datasets = ordered(sub["dataset"], page.catalog.dataset_order)
+    label = {d: f"{r['dataset_label']} (K={int(num(r['dataset_vocabulary_size']))})"
+             for d in datasets for _, r in sub[sub["dataset"] == d].head(1).iterrows()}
+    rows = []
+    for m in ordered(sub["model"], page.catalog.model_order):
+        mine = sub[sub["model"] == m]
+        row = {"model": mine["model_label"].iloc[0], "short side": fmt_res(mine["resolution"].iloc[0])}
+        row.update({label[d]: sig(mine[mine["dataset"] == d]["gflops_model_dataset_k"].iloc[0])
+                    if (mine["dataset"] == d).any() else "–" for d in datasets})
+        rows.append(row)
+    return rows
+
+
 REPEAT_GROUP = ["model", "dataset", "resolution", "precision", "device", "compile", "threads", "batch_size",
                 "latency_iters"]
 
@@ -291,6 +314,15 @@ def efficiency_section(page: Page) -> list[str]:
         "argmax, confusion matrix) over the images/s of the model scope alone on a pre-made batch, at the same "
         "batch and precision.",
         ("short side", "batch", "images", "evaluation img/s", "model-only img/s", "evaluation ÷ model-only"))
+    k_rows = dataset_k_rows(page)
+    out += captioned_table(
+        "GFLOPs at each dataset's vocabulary", k_rows,
+        "Model scope GFLOPs (FLOPs convention above) with the text features of each dataset's own K classes "
+        "cached, so a model whose cost grows with the vocabulary (CAT-Seg's image × class cost volume) shows it "
+        "per dataset; the tables above are at the profile vocabulary. Counted from shapes (fake tensors); '–' for "
+        "a model whose shapes depend on values (SimSeg, SCAN: crops follow the masks), see "
+        "[Cost against vocabulary size](#cost-against-vocabulary-size) for those.",
+        tuple(k for k in (k_rows[0] if k_rows else {}) if k != "model"))
     out += captioned_table(
         "Crop models: cost per dataset", crop_dataset_rows(page),
         "SimSeg and SCAN classify one CLIP crop per kept mask proposal, so their cost depends on the data: the mean "

@@ -25,6 +25,7 @@ RUN_COLUMNS = [
     "precision", "batch_size", "repeat", "pipeline_check", "mIoU", "mIoU_current", "mIoU_v06", "miou_formula", "fwIoU", "mACC", "pACC",
     "SG-mIoU", "SG-mIoU_current", "SG-mIoU_v06", "sg_iou_table_official", "params_state_total", "params_total", "params_trainable",
     "params_trainable_published", "params_image_path", "gflops_model", "gflops_end_to_end", "gflops_model_fixed",
+    "dataset_vocabulary_size", "gflops_model_dataset_k",
     "gflops_model_all_crops", "gflops_per_crop", "mean_crops", "latency_ms_model_median", "latency_ms_model_p90",
     "latency_model_cv", "latency_ms_end_to_end_median", "latency_ms_end_to_end_p90", "latency_ms_per_crop",
     "latency_warmup", "latency_iters", "timer", "threads", "peak_mem_mb", "peak_mem_kind", "profile_resolution",
@@ -39,7 +40,7 @@ TEXT_COLUMNS = ["key", "status", "reason", "model", "model_display", "dataset", 
                 "miou_formula", "timer", "peak_mem_kind", "dataset_settings", "note", "load_note", "checkpoint",
                 "checkpoint_sha256", "git_sha", "torch_version", "cuda_version", "device_type", "device_name", "driver",
                 "timestamp", "hostname", "class_name", "compile", "peak_kind", "gap_table"]
-NOT_IN_RUNS = ("per_class", "config", "traceback", "published")     # nested: kept in the records only
+NOT_IN_RUNS = ("per_class", "config", "traceback", "published", "gflops_model_at_k")     # nested: kept in the records only
 PER_CLASS_COLUMNS = ["key", "model", "dataset", "resolution", "precision", "pipeline_check", "class_id", "class_name",
                      "IoU", "ACC"]
 FILTER_KEYS = ("model", "dataset", "resolution", "precision", "device")

@@ -24,6 +24,10 @@ What it checks, each failure an AssertionError saying which property broke:
    detectron2's `ImageList` batches do for the official SAN and SimSeg code: their scores change with the batch's
    padding (measured and returned, not asserted). Models that cut each image to its own padding (SCAN, whose
    official inference runs batch 1) pass it.
+6. FLOPs from shapes: the `model` scope counted on fake tensors (`bench.profile.count_flops_split(...,
+   shapes_of=model)`, how the harness counts) gives the count of a real call, and the model's scores afterwards
+   are unchanged (no fake tensor left in a cache). A model whose shapes depend on values is counted by a real
+   call; that is reported (`flops_counted_from`), not asserted.
 
 Tolerances are relative: max |a - b| <= rtol * max |b| (float summation order differs between batch sizes and
 vocabulary orders; nothing else may differ). Returns the measured maximum differences.
@@ -223,4 +227,23 @@ def _check(model: OVSegModel, names: list[str], image_size, own_padding: bool, r
     if own_padding:
         _require(out["extra_padding"] <= rtol, f"padding leaks: an image padded to a batch of {tuple(xb.shape[-2:])} "
                  f"scores differently from alone at {tuple(x.shape[-2:])}: max rel diff {out['extra_padding']:.2e}")
+
+    # 6. FLOPs from shapes
+    out["flops_counted_from"] = _check_flops_from_shapes(model, x, sizes, orig, base, rtol)
     return out
+
+
+def _check_flops_from_shapes(model, x, sizes, orig, base: torch.Tensor, rtol: float) -> str:
+    from bench.profile import count_flops_split
+
+    kw = {"skip_crops": True} if hasattr(model, "crop_cost_fn") else {}
+    counted = count_flops_split(lambda: model(x, sizes, **kw), shapes_of=model)
+    if counted["counted_from"] == "shapes":
+        real = count_flops_split(lambda: model(x, sizes, **kw))
+        _require(counted["total"] == real["total"] and counted["attention"] == real["attention"],
+                 f"FLOPs from shapes ({counted['total']}, attention {counted['attention']}) differ from a real "
+                 f"call's ({real['total']}, attention {real['attention']})")
+    after = _scores(model, x, sizes, orig)[1][0]
+    _require(_max_rel(after, base) <= rtol, "the scores changed after counting FLOPs from shapes: the forward "
+             "left state behind (a cache?) that the count replaced")
+    return counted["counted_from"]
