@@ -6,6 +6,7 @@ A tiny model is registered under a test-only builder name; its checkpoint is ser
 import hashlib
 import io
 import os
+from pathlib import Path
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -432,3 +433,29 @@ def test_full_disk_during_the_download_is_one_line_and_resumable(tmp_path, serve
     _only_part_or_nothing(tmp_path)
     path, _ = _fetch(_ck(data), tmp_path, server.url + "/tiny.pth")   # space again: the rerun completes
     assert (tmp_path / FILE).read_bytes() == data
+
+
+def test_a_space_file_is_found_in_the_real_hub_cache_layout(tmp_path, tiny, monkeypatch):
+    """CAT-Seg's weights live in a Hugging Face *Space* (`hf_repo_type: space`). The real `huggingface_hub`
+    resolves the file from a hub cache laid out as it lays it out (spaces--owner--name/refs, snapshots), offline;
+    the same file under a model repository's name is not found, so the repo type is what found it."""
+    from huggingface_hub import constants
+
+    _, data = tiny
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / "spaces--someone--tiny-weights"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    (repo_dir / "snapshots" / commit).mkdir(parents=True)
+    (repo_dir / "snapshots" / commit / FILE).write_bytes(data)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    wdir = tmp_path / "w"
+    path, _ = _fetch(_ck(data, hf_repo="someone/tiny-weights", hf_repo_type="space"), wdir, None)
+    assert Path(path).read_bytes() == data and (repo_dir / "snapshots" / commit / FILE).read_bytes() == data
+    (wdir / FILE).unlink()
+    with pytest.raises(BenchError, match=r"not in the Hugging Face cache"):
+        _fetch(_ck(data, hf_repo="someone/tiny-weights"), wdir, None)        # as a model repository: not there
+    with pytest.raises(BenchError, match=r"https://huggingface\.co/spaces/someone/tiny-weights/resolve/main/"):
+        _fetch(_ck(data, hf_repo="someone/tiny-weights", hf_repo_type="space", file="absent.pth"), wdir, None)

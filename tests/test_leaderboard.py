@@ -582,3 +582,26 @@ def test_gflops_at_each_dataset_vocabulary_come_from_the_records(tmp_path):
     assert "4 257" in catseg and "2 998" in catseg
     san = next(line for line in section.splitlines() if line.startswith("| SAN"))
     assert [c.strip() for c in san.strip("|").split("|")][-2:] == ["–", "121"]
+
+
+def test_make_bench_records_alone_draw_the_gflops_against_k_lines(tmp_path):
+    """Records of a plain `make bench` (one profile vocabulary) carry shape-only GFLOPs at every dataset K: the
+    cost-vs-vocabulary table and plot come from them; a measured `bench-vocab` row at the same K wins."""
+    (tmp_path / "runs").mkdir()
+    at_k = {"20": 1455.5, "59": 1918.1, "150": 2997.7, "847": 4256.9}
+    recs = [_record(key="cat", model="catseg_b", model_display="CAT-Seg ViT-B/16", status="missing", mIoU=None,
+                    gflops_model=2997.7, profile_vocabulary_size=150, gflops_model_at_k=at_k, params_total=1,
+                    latency_ms_model_median=50607.0),
+            _record(key="cat20", model="catseg_b", model_display="CAT-Seg ViT-B/16", status="missing", mIoU=None,
+                    gflops_model=1455.0, profile_vocabulary_size=20, params_total=1, latency_ms_model_median=30000.0,
+                    timestamp="2026-11-19T10:00:00+00:00")]
+    for rec in recs:
+        (tmp_path / "runs" / f"{rec['key']}.json").write_text(json.dumps(rec))
+    lb.build_leaderboard(str(tmp_path), conf_dir=CONF)
+    md = (tmp_path / "leaderboard.md").read_text()
+    section = md.split("## Cost against vocabulary size")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| CAT-Seg")]
+    assert [int(r.split("|")[5]) for r in rows] == [20, 59, 150, 847]
+    assert "1 455.0" in rows[0] and "30 000.0" in rows[0]                     # the measured K=20 row wins
+    assert "4 256.9" in rows[3] and rows[3].split("|")[7].strip() == "–"      # shapes only: no latency
+    assert "gflops-vs-vocabulary" in md and "gflops_model_at_k_847" in (tmp_path / "runs.csv").read_text()

@@ -41,6 +41,7 @@ TEXT_COLUMNS = ["key", "status", "reason", "model", "model_display", "dataset", 
                 "checkpoint_sha256", "git_sha", "torch_version", "cuda_version", "device_type", "device_name", "driver",
                 "timestamp", "hostname", "class_name", "compile", "peak_kind", "gap_table"]
 NOT_IN_RUNS = ("per_class", "config", "traceback", "published", "gflops_model_at_k")     # nested: kept in the records only
+FLATTENED = {"gflops_model_at_k": "gflops_model_at_k_{}"}   # nested mappings the runs table spreads into columns
 PER_CLASS_COLUMNS = ["key", "model", "dataset", "resolution", "precision", "pipeline_check", "class_id", "class_name",
                      "IoU", "ACC"]
 FILTER_KEYS = ("model", "dataset", "resolution", "precision", "device")
@@ -88,8 +89,16 @@ def order_key(cat: Catalog):
     return key
 
 
+def _flat(rec: dict) -> dict:
+    row = {k: v for k, v in rec.items() if k not in NOT_IN_RUNS}
+    for name, column in FLATTENED.items():
+        if isinstance(rec.get(name), dict):
+            row.update({column.format(k): v for k, v in rec[name].items()})
+    return row
+
+
 def runs_table(recs: list[dict], cat: Catalog) -> pd.DataFrame:
-    rows = [{k: v for k, v in r.items() if k not in NOT_IN_RUNS} for r in recs]
+    rows = [_flat(r) for r in recs]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=RUN_COLUMNS)
