@@ -147,7 +147,7 @@ def test_repeated_cells_are_separate_measurements(tmp_path):
         assert len(timings["model"]) == 3
     assert len(list((tmp_path / "results" / "cache").glob("profile-*.json"))) == 2
     build_leaderboard(str(tmp_path / "results"))
-    section = (tmp_path / "results" / "leaderboard.md").read_text().split("### Repeatability")[1].split("\n###")[0]
+    section = (tmp_path / "results" / "leaderboard.md").read_text().split("### Repeatability")[1].split("\n#")[0]
     assert sum(ln.startswith("| SAN ViT-B/16") for ln in section.splitlines()) == 1
 
 
