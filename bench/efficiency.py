@@ -18,6 +18,7 @@ from bench import BenchError, records
 from bench import precision as precision_mod
 from bench import profile as prof
 from bench.data import load_class_names
+from bench.flops import attributes_kept, count_flops, count_flops_split
 
 
 def short_side(cfg: DictConfig) -> int:
@@ -73,7 +74,8 @@ def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[di
             progress=f"{cfg.model.name} {cfg.precision}" if cfg.progress else None,
             budget_s=prof.cpu_latency_budget(device, p.iters))
         figures.update(measured, profile_vocabulary_size=len(names), cpu_flags=" ".join(cpu_flags()))
-        figures["gflops_model_at_k"] = model_flops_at_k(model, image, standard_vocabulary_sizes() | {len(names)})
+        figures["gflops_model_at_k"] = model_flops_at_k(model, image, standard_vocabulary_sizes() | {len(names)},
+                                                        call_ms=measured.get("latency_ms_model_median"))
         if figures.get("has_crops") or p.agreement:
             figures.update(benchmark_image_figures(cfg, model, device, image, names))
         if p.gap_table:
@@ -91,13 +93,14 @@ def standard_vocabulary_sizes() -> set[int]:
     return {len(vocabulary_names(spec)) for spec in specs if not spec.generate}   # not the synthetic test set
 
 
-def model_flops_at_k(model, image: np.ndarray, ks) -> dict[str, float]:
+def model_flops_at_k(model, image: np.ndarray, ks, call_ms: float | None = None) -> dict[str, float]:
     """{K: GFLOPs of the model scope (published computation order) with a K-class vocabulary}, counted from shapes
-    (bench.profile.count_flops_split on fake tensors: no forward runs). The K-class vocabulary repeats the names
+    (bench.flops.count_flops_split on fake tensors: no forward runs). The K-class vocabulary repeats the names
     already encoded (the models cache text per name, so no text tower runs either); the model's attributes are put
     back afterwards. Each dataset cell takes its own K from it (`dataset_k_figures`). {} for a model whose forward
     has value-dependent shapes (SimSeg, SCAN: the mask threshold picks the crops), which would need a real forward
-    per K."""
+    per K. The first K is always counted from shapes (that is the test); with a measured model call `call_ms`
+    under bench.flops.REAL_COUNT_MS the other K are counted on real calls (the same count, faster)."""
     names = list(model.vocabulary or [])
     if not names:
         return {}
@@ -106,11 +109,12 @@ def model_flops_at_k(model, image: np.ndarray, ks) -> dict[str, float]:
     kw = {"skip_crops": True} if hasattr(model, "crop_cost_fn") else {}
     out: dict[str, float] = {}
     for k in sorted(ks):
-        with prof.attributes_kept(model), torch.inference_mode():
+        with attributes_kept(model), torch.inference_mode():
             model.encode_vocabulary((names * (k // len(names) + 1))[:k])
             with model.published_computation():
-                counted = prof.count_flops_split(lambda: model(x, sizes, **kw), shapes_of=model)
-        if counted["counted_from"] != "shapes":
+                counted = count_flops_split(lambda: model(x, sizes, **kw), shapes_of=model,
+                                                 call_ms=call_ms if out else None)
+        if not out and counted["counted_from"] != "shapes":
             return {}
         out[str(k)] = counted["total"] / 1e9
     return out
@@ -136,17 +140,19 @@ def text_encoding_cost(model, names: list[str]) -> dict:
     """The text tower's cost of a vocabulary, apart from the image path: FLOPs and seconds of encoding one class
     name (every template) with the text cache off, times K. Each prompt goes through the tower on its own, so the
     cost is linear in K; measuring one class keeps the 847-class figure cheap (14 x 847 prompts would take
-    minutes on a CPU). Called before the real vocabulary is encoded (it leaves a one-class vocabulary behind)."""
+    minutes on a CPU). The count and the timing each encode a name never encoded before (models keep the features
+    of names they have seen: a repeated name would time a dictionary lookup). Called before the real vocabulary
+    is encoded (it leaves a one-class vocabulary behind)."""
     from bench.models import text_cache
 
     saved = text_cache.cache_dir()
     text_cache.set_cache_dir(None)
     try:
-        one = names[:1]
-        flops = prof.count_flops(lambda: model.encode_vocabulary(one))
+        counted, timed_name = [f"{names[0]} (counted)"], [f"{names[0]} (timed)"]
+        flops = count_flops(lambda: model.encode_vocabulary(counted))
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model.encode_vocabulary(one)
+            model.encode_vocabulary(timed_name)
         seconds = time.perf_counter() - t0
     finally:
         text_cache.set_cache_dir(saved)
@@ -181,12 +187,14 @@ def profile_weights(cfg: DictConfig, model) -> str:
 def benchmark_image_figures(cfg: DictConfig, model, device: torch.device, image: np.ndarray,
                             names: list[str]) -> dict:
     """On the benchmark image: the crop count of crop models with these weights, and for a reduced precision the
-    label agreement with the same model in fp32 (the cell's own dataset settings, same weights)."""
+    label agreement with the same model in fp32 (the cell's own dataset settings, same weights). The crop count
+    alone needs only the fixed part: the full forward (all crops) runs when there is an agreement to judge."""
+    judged = cfg.profile.agreement and precision_mod.is_reduced(cfg.precision)
     with prof.precision_context(cfg.precision, device):
+        if not judged:
+            return {"crops_on_benchmark_image": prof.crop_count(model, image)}
         scores, crops, masks = prof.full_scores(model, image)
     out: dict = {"crops_on_benchmark_image": crops}
-    if not (cfg.profile.agreement and precision_mod.is_reduced(cfg.precision)):
-        return out
     from bench.cell import build_model, dataset_settings
 
     reference = build_model(cfg, device, dtype=torch.float32)

@@ -7,7 +7,7 @@ What is counted and timed (also written in the README and every record):
   labels: the model's fused `postprocess_labels` when it has one, else the argmax of `postprocess`'s per-class
   score maps). Crop models (SimSeg, SCAN): the fixed part (`forward(..., skip_crops=True)`) plus a `crops` scope of
   one batch of `crop_batch` crops, scaled to the crop count (`with_crop_count`).
-- FLOPs (`count_flops_split`): `torch.utils.flop_counter.FlopCounterMode` over one call, 2 FLOPs per MAC, on fake
+- FLOPs (`bench.flops.count_flops_split`): `torch.utils.flop_counter.FlopCounterMode` over one call, 2 FLOPs per MAC, on fake
   tensors where the model's shapes do not depend on values (no arithmetic runs: CAT-Seg's 3 TFLOP forward is
   counted in about a second), else over a real call (`flops_counted_from_<scope>` says which). PyTorch's CPU
   flash-attention kernel has no formula (it would count 0): it gets one, 2·B·H·Lq·Lk·(D+Dv), equal to what the math
@@ -23,8 +23,6 @@ What is counted and timed (also written in the README and every record):
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
 import os
 import resource
 import statistics
@@ -33,15 +31,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from bench import BenchError
 from bench import precision as precision_mod
+from bench.flops import count_flops_split
 
-log = logging.getLogger(__name__)
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune")  # reduce-overhead = CUDA graphs on GPU
 CROP_QUERIES = 100  # upper bound on crops: one per query
 SCOPES = ("model", "end_to_end")
@@ -68,86 +63,6 @@ def count_params(model: torch.nn.Module, trainable_prefixes=(), text_prefixes=()
     text = sum(p.numel() for k, p in params.items() if k.startswith(tuple(text_prefixes))) if text_prefixes else 0
     return {"params_state_total": total_state, "params_total": n_params, "params_trainable": trainable,
             "params_image_path": n_params - text}
-
-
-# ---------------------------------------------------------------------------------------------------- FLOPs
-def _flash_cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """2·B·H·Lq·Lk·D (Q·K^T) + 2·B·H·Lq·Lk·Dv (P·V): what the math backend's two bmm's count."""
-    *batch, lq, d = query
-    lk, dv = key[-2], value[-1]
-    n = math.prod(batch)
-    return 2 * n * lq * lk * d + 2 * n * lq * lk * dv
-
-
-def _counter() -> FlopCounterMode:
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return FlopCounterMode(display=False, custom_mapping={op: _flash_cpu_attention_flops} if op is not None else {})
-
-
-def count_flops_split(fn: Callable[[], object], shapes_of: torch.nn.Module | None = None) -> dict:
-    """{'total', 'attention', 'by_op', 'counted_from'} FLOPs of one call of `fn` (2 per MAC), attention counted
-    (see docstring). With `shapes_of` (the model `fn` runs), the call first runs on fake tensors
-    (`FakeTensorMode`: shapes only, no arithmetic, the same FLOP formulas) and the model's attributes are put back
-    afterwards; a call whose shapes depend on values (nonzero, masked selection, .item()) is then run for real.
-    `counted_from` says which ('shapes' | 'run'); the two give the same count (bench.testing.check_model)."""
-    _check_attention_counted()
-    if shapes_of is not None:
-        try:
-            with attributes_kept(shapes_of), FakeTensorMode(allow_non_fake_inputs=True):
-                return dict(_count(fn), counted_from="shapes")
-        except Exception as e:   # noqa: BLE001 - value-dependent shapes (or an op fake tensors lack): run it
-            log.debug("FLOPs from shapes failed (%s: %s); counting a real call", type(e).__name__, e)
-    return dict(_count(fn), counted_from="run")
-
-
-def _count(fn: Callable[[], object]) -> dict:
-    counter = _counter()
-    with torch.inference_mode(), counter:
-        fn()
-    by_op = counter.get_flop_counts().get("Global", {})
-    attention = sum(v for k, v in by_op.items() if "attention" in str(k))
-    return {"total": int(counter.get_total_flops()), "attention": int(attention),
-            "by_op": {str(k): int(v) for k, v in by_op.items()}}
-
-
-@contextlib.contextmanager
-def attributes_kept(model: torch.nn.Module):
-    """Every module's attributes (and the contents of dict / list attributes, e.g. a text cache) as they were
-    before the block: a forward on fake tensors must not leave a fake tensor behind in a cache."""
-    saved = []
-    for m in model.modules():
-        attrs = dict(vars(m))
-        saved.append((m, attrs, {k: (dict(v) if isinstance(v, dict) else list(v))
-                                 for k, v in attrs.items() if isinstance(v, (dict, list))}))
-    try:
-        yield
-    finally:
-        for m, attrs, contents in saved:
-            for k in [k for k in vars(m) if k not in attrs]:
-                delattr(m, k)
-            for k, v in attrs.items():
-                if vars(m).get(k) is not v:
-                    object.__setattr__(m, k, v)
-                if k in contents and isinstance(v, dict):
-                    v.clear()
-                    v.update(contents[k])
-                elif k in contents:
-                    v[:] = contents[k]
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    """Total FLOPs of one call of `fn` (2 per MAC), attention included."""
-    return count_flops_split(fn)["total"]
-
-
-def _check_attention_counted() -> None:
-    q = torch.zeros(1, 2, 8, 4)
-    counter = _counter()
-    with torch.inference_mode(), counter:
-        F.scaled_dot_product_attention(q, q, q)
-    if counter.get_total_flops() <= 0:
-        raise BenchError("FLOP counter sees scaled_dot_product_attention as 0 FLOPs in this torch build; "
-                         "attention would be missing from the GFLOPs (report this torch version)")
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -310,6 +225,25 @@ def scope_fns(model, image: np.ndarray, crop_batch: int, runner=None,
     return fns
 
 
+def _crop_count(outputs: dict) -> int | None:
+    n = outputs.get("num_crops")
+    if isinstance(n, torch.Tensor):
+        n = n.flatten()[0]
+    elif isinstance(n, (list, tuple)):
+        n = n[0] if n else 0
+    return None if n is None else int(n)
+
+
+def crop_count(model, image: np.ndarray) -> int | None:
+    """A crop model's crop count on `image` from its fixed part alone (`forward(..., skip_crops=True)` counts the
+    crops it would run, as the full forward does; the crops themselves are what costs); None for other models."""
+    if not hasattr(model, "crop_cost_fn"):
+        return None
+    with torch.inference_mode():
+        x, sizes = model.preprocess([image])
+        return _crop_count(model(x, sizes, skip_crops=True))
+
+
 def full_scores(model, image: np.ndarray) -> tuple[torch.Tensor, int | None, torch.Tensor | None]:
     """Per-class scores [K, H, W] (fp32) of the full model (crops included), its crop count, and its per-query
     mask logits [Q, h, w] (fp32) when the outputs carry `mask_pred`."""
@@ -319,12 +253,7 @@ def full_scores(model, image: np.ndarray) -> tuple[torch.Tensor, int | None, tor
         scores = model.postprocess(outputs, sizes, [image.shape[:2]])[0].float()
     masks = outputs.get("mask_pred")
     masks = masks[0].float() if isinstance(masks, torch.Tensor) and masks.dim() == 4 else None
-    n = outputs.get("num_crops")
-    if isinstance(n, torch.Tensor):
-        n = n.flatten()[0]
-    elif isinstance(n, (list, tuple)):
-        n = n[0] if n else 0
-    return scores, (None if n is None else int(n)), masks
+    return scores, _crop_count(outputs), masks
 
 
 def label_agreement(ref: torch.Tensor, other: torch.Tensor, margin: float = 1e-3) -> dict:
@@ -395,14 +324,6 @@ def profile_model(model, resolution: int, device: torch.device, precision: str, 
                  "input_hw": "x".join(str(v) for v in model.preprocess([image])[0].shape[-2:])}
     say = (lambda msg: print(f"[profile] {progress}: {msg}", flush=True)) if progress else (lambda msg: None)
     eager = scope_fns(model, image, crop_batch)
-    say("counting FLOPs")
-    flops, flops_timed = {}, {}
-    for scope, fn in eager.items():
-        with model.published_computation():    # the papers' count (a fast path may skip unread work)
-            flops[scope] = count_flops_split(fn, shapes_of=model)["total"] / 1e9
-        flops_timed[scope] = count_flops_split(fn, shapes_of=model)
-        out[f"flops_counted_from_{scope}"] = flops_timed[scope]["counted_from"]
-    out["gflops_attention_end_to_end"] = flops_timed["end_to_end"]["attention"] / 1e9
     probes = []
     with precision_context(precision, device):
         fns = eager
@@ -426,6 +347,15 @@ def profile_model(model, resolution: int, device: torch.device, precision: str, 
         out["peak_mem_kind"] = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
         if throughput_batch:
             out.update(throughput(model, image, throughput_batch, device, warmup, iters))
+    say("counting FLOPs")
+    flops, flops_timed = {}, {}
+    for scope, fn in eager.items():    # after timing: a scope's measured call decides shapes or a real call
+        call_ms = float(np.median(times[scope])) if times.get(scope) else None
+        with model.published_computation():    # the papers' count (a fast path may skip unread work)
+            flops[scope] = count_flops_split(fn, shapes_of=model, call_ms=call_ms)["total"] / 1e9
+        flops_timed[scope] = count_flops_split(fn, shapes_of=model, call_ms=call_ms)
+        out[f"flops_counted_from_{scope}"] = flops_timed[scope]["counted_from"]
+    out["gflops_attention_end_to_end"] = flops_timed["end_to_end"]["attention"] / 1e9
     out.update(scope_figures(times, peaks, flops, crop_batch))
     for scope in SCOPES:
         out[f"gflops_timed_{scope}"] = flops_timed[scope]["total"] / 1e9

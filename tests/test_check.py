@@ -148,7 +148,7 @@ def test_each_broken_model_fails_with_a_clear_message(cls, message):
 def test_flops_from_shapes_equal_a_real_count_and_leave_no_fake_tensor_behind():
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from bench.profile import count_flops_split
+    from bench.flops import count_flops_split
 
     assert check_model(build(Toy))["flops_counted_from"] == "shapes"
     model = build(CachesGrid)

@@ -28,7 +28,7 @@ def sweep(tmp: Path, pythonpath: list[Path], *overrides: str) -> subprocess.Comp
     cmd = [sys.executable, "-m", "bench", "-m", "model=dense_clip", f"hydra.searchpath=[file://{EXAMPLE / 'conf'}]",
            "dataset=synthetic", "synthesize_weights=true", f"results_dir={tmp / 'results'}",
            f"data_root={tmp / 'data'}", f"hydra.sweep.dir={tmp / 'sweep'}", "resolution=64", "profile.warmup=0",
-           "profile.iters=1", "profile.vocabulary=synthetic8.txt", "progress=false", *overrides]
+           "profile.iters=1", "profile.peak_size=256", "profile.vocabulary=synthetic8.txt", "progress=false", *overrides]
     return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -76,8 +76,21 @@ def test_installed_the_example_registers_its_builder_by_name(tmp_path, monkeypat
             del sys.modules[name]
 
 
-def test_the_example_runs_through_a_sweep_to_a_leaderboard_row(tmp_path):
-    out = sweep(tmp_path, [ROOT, EXAMPLE])   # isolate=true: the cell's child process inherits PYTHONPATH
+def tiny_kwargs_overrides() -> list[str]:
+    """The YAML's builder_kwargs set on the command line: the example at TINY widths (same builder and code path)."""
+    return [f"+model.builder_kwargs.{k}={v}" for k, v in TINY.items()]
+
+
+def test_the_example_at_full_size_is_clip_vit_b_16(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    from bench.models import create_model
+
+    model = create_model("dense_clip_baseline.model:build")
+    assert sum(p.numel() for p in model.parameters()) == 149_620_737   # CLIP ViT-B/16: both towers, logit scale
+
+
+def test_the_example_runs_through_a_sweep_to_a_leaderboard_row(tmp_path, monkeypatch):
+    out = sweep(tmp_path, [ROOT, EXAMPLE], *tiny_kwargs_overrides())   # isolate=true: the child inherits PYTHONPATH
     assert out.returncode == 0, out.stdout + out.stderr
     recs = load_records(str(tmp_path / "results"))
     assert len(recs) == 1
@@ -85,7 +98,11 @@ def test_the_example_runs_through_a_sweep_to_a_leaderboard_row(tmp_path):
     assert rec["status"] == "ok", rec.get("reason")
     assert rec["model"] == "dense_clip" and rec["config"]["model"]["builder"] == "dense_clip_baseline.model:build"
     assert rec["pipeline_check"] and rec["images_evaluated"] == 4 and rec["gflops_model"] > 0
-    assert rec["params_total"] == 149_620_737          # CLIP ViT-B/16: both towers and the logit scale
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    from bench.models import create_model
+
+    tiny = create_model("dense_clip_baseline.model:build", **TINY)
+    assert rec["params_total"] == sum(p.numel() for p in tiny.parameters())       # the YAML's kwargs reached build()
     runs = pd.read_csv(tmp_path / "results" / "runs.csv")
     row = runs[runs["model"] == "dense_clip"]
     assert len(row) == 1 and row["status"].iloc[0] == "ok"

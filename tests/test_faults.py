@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SEARCHPATH = f"hydra.searchpath=[file://{ROOT / 'tests' / 'fixtures' / 'conf'}]"
 TINY = [SEARCHPATH, "model=san_tiny", "dataset=synthetic", "profile.warmup=0", "profile.iters=1",
-        "profile.vocabulary=synthetic8.txt", "progress=false"]
+        "profile.peak_size=256", "profile.vocabulary=synthetic8.txt", "progress=false"]   # 256-px peak probe: fast
 SYNTH_IMAGES = "ovseg_synthetic/images/validation"
 SYNTH_LABELS = "ovseg_synthetic/annotations_detectron2/validation"
 

@@ -1,5 +1,5 @@
 """Every registered model through `bench.testing.check_model`, as timm's test_models.py runs every registered
-architecture: the real builders at full size (CAT-Seg at narrow widths, see NARROW), random init (seeded), at a short
+architecture: the real builders at full size (CAT-Seg and SCAN at narrow widths, see NARROW), random init (seeded), at a short
 side of 120 px on 150x203 images and a five-class vocabulary. A model registered by an installed package (entry point) is checked the same way."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from bench.models.simseg import SimSeg
 from bench.testing import check_model
 from bench.testing.check import check_images
 from test_catseg import TINY as CATSEG_TINY
+from test_scan import TINY as SCAN_TINY
 
 SHORT_SIDE = 120
 SLOW = {"san_vit_large_14", "scan_vit_l_14", "catseg_vit_l_14"}   # ViT-L towers: the largest builds and forwards of the file
@@ -57,11 +58,14 @@ def limit_crops(model) -> None:
 
 
 # CAT-Seg resizes every image to its fixed 640x640 canvas (five 384 px CLIP views: the short side does not shrink
-# it), so a full-width check costs about 3 minutes (ViT-B) and 7 (ViT-L) of CI's 15. Both builders are checked at
-# narrow widths instead (the same builder, class and code path; test_catseg.TINY), while their full-width forwards
-# are golden-checked against the official code in tests/test_catseg.py. OVSEG_CHECK_ALL=1 checks them at full width.
+# it), so a full-width check costs about 3 minutes (ViT-B) and 7 (ViT-L) of CI's 15; SCAN's two CLIP towers, Swin-B
+# and crop branch cost about 2 minutes (ViT-L/14) and 1 (ViT-B/16). These builders are checked at narrow widths
+# instead (the same builder, class and code path; test_catseg.TINY, test_scan.TINY), while their full-width
+# forwards are golden-checked against the official code in tests/test_catseg.py and tests/test_scan.py.
+# OVSEG_CHECK_ALL=1 checks them at full width.
 CHECK_ALL = os.environ.get("OVSEG_CHECK_ALL") == "1"
-NARROW = {} if CHECK_ALL else {"catseg_vit_b_16": CATSEG_TINY, "catseg_vit_l_14": CATSEG_TINY}
+NARROW = {} if CHECK_ALL else {"catseg_vit_b_16": CATSEG_TINY, "catseg_vit_l_14": CATSEG_TINY,
+                               "scan_vit_l_14": SCAN_TINY, "scan_vit_b_16": SCAN_TINY}
 
 
 def _param(builder: str):

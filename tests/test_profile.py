@@ -4,7 +4,8 @@ import torch
 
 from bench import BenchError
 from bench.models.clip import Transformer
-from bench.profile import (count_flops, count_params, precision_context, summarize_times, time_fn, with_crop_count)
+from bench.flops import count_flops
+from bench.profile import count_params, precision_context, summarize_times, time_fn, with_crop_count
 
 
 def test_attention_flops_are_counted_exactly():
@@ -126,3 +127,21 @@ def test_a_slow_forward_is_not_warmed_up_twice():
     assert _warmup_of("end_to_end", 1, {"model": [700.0] * 3}, budget_s=20.0) == 1  # SAN-B: warmed as usual
     assert _warmup_of("end_to_end", 1, {"model": [25_000.0]}, budget_s=None) == 1   # explicit iters: as asked
     assert _warmup_of("model", 1, {}, budget_s=20.0) == 1
+
+
+def test_the_uncached_text_cost_runs_the_text_tower_for_the_count_and_for_the_timing():
+    """Models keep the features of names already encoded: both the FLOP count and the timing must miss that, or
+    the seconds would time a dictionary lookup (they did: 0.03 s for SAN-B's 150 classes x 14 templates)."""
+    from bench.efficiency import text_encoding_cost
+    from bench.models import create_model
+    from test_san import TINY as TINY_SAN
+
+    torch.manual_seed(0)
+    model = create_model("san_vit_b_16", **TINY_SAN).eval()
+    calls = []
+    model.ov_classifier.register_forward_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        model.encode_vocabulary(["sky"])               # a name seen before the cost is measured
+    calls.clear()
+    cost = text_encoding_cost(model, ["sky", "road"])
+    assert len(calls) == 2 and cost["gflops_text"] > 0 and cost["text_encode_s_uncached"] > 0

@@ -259,7 +259,7 @@ def test_tiny_variant_end_to_end():
 def test_flops_are_counted_in_the_published_order(b16):
     """The leaderboard's FLOPs run the recognition head in the official order (the analytic estimate of the spec:
     ≈63.3 GMACs for ViT-B/16 at 640², text cached); the timed path skips unread rows and gives the same output."""
-    from bench.profile import count_flops
+    from bench.flops import count_flops
 
     x = torch.zeros(1, 3, 640, 640)
     with torch.inference_mode():

@@ -13,8 +13,8 @@ from bench.records import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [f"hydra.searchpath=[file://{ROOT / 'tests' / 'fixtures' / 'conf'}]", "model=san_tiny", "dataset=synthetic",
-        "synthesize_weights=true", "profile.warmup=0", "profile.iters=1", "profile.vocabulary=synthetic8.txt",
-        "progress=false"]
+        "synthesize_weights=true", "profile.warmup=0", "profile.iters=1", "profile.peak_size=256",
+        "profile.vocabulary=synthetic8.txt", "progress=false"]
 RESULT_FIELDS = ("key", "status", "mIoU", "mIoU_v06", "fwIoU", "mACC", "pACC", "images_evaluated", "gflops_model")
 
 

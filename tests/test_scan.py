@@ -422,6 +422,15 @@ def test_no_valid_query_falls_back_and_is_counted(tiny):
     assert torch.isfinite(out["sem_seg"][0]).all()
 
 
+def test_the_benchmark_crop_count_comes_from_the_fixed_part(tiny):
+    """bench.profile.crop_count (efficiency-only cells: no crop runs) counts what the full forward runs."""
+    from bench.profile import crop_count, full_scores
+
+    image = tiny_images()[0]
+    n = crop_count(tiny, image)
+    assert n == full_scores(tiny, image)[1] and n > 0
+
+
 def test_void_reweight_and_skip_crops_wiring(tiny):
     images = tiny_images()[:1]
     base = run_tiny(tiny, images)

@@ -20,7 +20,7 @@ import bench.config  # noqa: F401  (registers the typed schema)
 from bench import gaptable
 from bench import profile as prof
 from bench.models.clip import Transformer
-from bench.profile import count_flops
+from bench.flops import count_flops, count_flops_split
 from bench.records import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,9 +110,9 @@ def test_flop_split_matches_math_backend():
 
     model = Transformer(64, 2, 4).eval()
     x = torch.randn(1, 50, 64)
-    split = prof.count_flops_split(lambda: model(x))
+    split = count_flops_split(lambda: model(x))
     with sdpa_kernel(SDPBackend.MATH):
-        math_total = prof.count_flops_split(lambda: model(x))["total"]
+        math_total = count_flops_split(lambda: model(x))["total"]
     assert split["total"] == math_total
     assert split["attention"] == 2 * 2 * 2 * 50 * 50 * 64
 

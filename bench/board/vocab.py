@@ -31,7 +31,7 @@ def vocab_table(page: Page) -> pd.DataFrame:
     sub = sub.sort_values(["counted_from", "timestamp"], ascending=[False, True]).drop_duplicates(GROUP + ["K"],
                                                                                                    keep="last")
     ks = sub.groupby(GROUP, dropna=False)["K"].transform("nunique")
-    return page.sort(sub[ks >= 2], GROUP).sort_values(GROUP + ["K"], kind="mergesort")
+    return page.sort(sub[ks >= 2], GROUP + ["K"])          # models in their configs' order, then K
 
 
 def shape_only_rows(sub: pd.DataFrame) -> pd.DataFrame:
@@ -93,10 +93,10 @@ def _figure(table: pd.DataFrame, path: str, colors: dict, labels: dict) -> None:
         ax.plot(g["K"], g["gflops_model"], color=colors.get(model, "0.3"), marker="o", linewidth=1.4)
         handles.append(Line2D([], [], color=colors.get(model, "0.3"), marker="o",
                               label=f"{labels.get(model, model)} ({key[2]}, {num(key[3]):g})"))
-    ks = sorted(set(table["K"]))
     ax.set_xscale("log")
-    ax.set_xticks(ks)
+    ax.set_xticks(ks := _spaced(sorted(set(table["K"]))))
     ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xticks([], minor=True)
     plots._log_axis(ax.yaxis, table["gflops_model"])
     ax.set_xlabel("vocabulary size K (classes)")
     ax.set_ylabel("GFLOPs per image (model scope)")
@@ -104,3 +104,13 @@ def _figure(table: pd.DataFrame, path: str, colors: dict, labels: dict) -> None:
     ax.set_title("Compute vs vocabulary size (batch 1, text features cached)", fontsize=11)
     plots._legend(fig, handles)
     plots._save(fig, path)
+
+
+def _spaced(ks: list[int], min_ratio: float = 1.15) -> list[int]:
+    """Tick positions on the log K axis: a K closer than `min_ratio` to the previous tick is left unlabelled
+    (PAS-20b's 21 beside PAS-20's 20 would print as one number); its points are still drawn."""
+    out: list[int] = []
+    for k in ks:
+        if not out or k >= out[-1] * min_ratio:
+            out.append(k)
+    return out

@@ -45,7 +45,7 @@ from bench import BenchError
 from bench.models.base import OVSegModel, Protocol
 from bench.models.clip import MLP, LayerNormFp32, QuickGELU, encode_with_templates, resize_pos_embed
 from bench.models.common import Mlp
-from bench.models.registry import register_model
+from bench.models.registry import register_config
 from bench.models.swin import swin_shift_mask, window_partition, window_reverse
 
 TEMPLATE = "A photo of a {} in the scene"     # PROMPT_ENSEMBLE_TYPE "single" (cat_seg_predictor.py)
@@ -659,21 +659,8 @@ class CATSeg(OVSegModel):
         return merged
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Builders
-# ---------------------------------------------------------------------------------------------------------------
-def _build(cfg: CATSegConfig, protocol: Protocol | None, overrides: dict) -> CATSeg:
-    model = CATSeg(replace(cfg, **overrides) if overrides else cfg, protocol)
-    return model.requires_grad_(False).eval()
-
-
-@register_model("catseg_vit_b_16")
-def catseg_vit_b_16(protocol: Protocol | None = None, **overrides) -> CATSeg:
-    """CAT-Seg with CLIP ViT-B/16 at 384² (`model_base.pth`). `overrides` replace CATSegConfig fields."""
-    return _build(CATSEG_VIT_B_16, protocol, overrides)
-
-
-@register_model("catseg_vit_l_14")
-def catseg_vit_l_14(protocol: Protocol | None = None, **overrides) -> CATSeg:
-    """CAT-Seg with CLIP ViT-L/14@336px (`model_large.pth`)."""
-    return _build(CATSEG_VIT_L_14, protocol, overrides)
+# Builders: model configs as data (bench.models.registry.register_config)
+catseg_vit_b_16 = register_config("catseg_vit_b_16", CATSeg, CATSEG_VIT_B_16,
+                                  "CAT-Seg with CLIP ViT-B/16 at 384² (`model_base.pth`).")
+catseg_vit_l_14 = register_config("catseg_vit_l_14", CATSeg, CATSEG_VIT_L_14,
+                                  "CAT-Seg with CLIP ViT-L/14@336px (`model_large.pth`).")

@@ -17,7 +17,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import masks_to_boxes
 
 
 class Mlp(nn.Module):
@@ -149,5 +148,9 @@ _BOX_END = torch.tensor([0, 0, 1, 1])
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Tight boxes of non-empty binary masks [N, H, W] -> int64 [N, 4] (x0, y0, x1, y1), x1 / y1 exclusive:
-    detectron2's `BitMasks.get_bounding_boxes`, i.e. torchvision's inclusive `masks_to_boxes` + 1 at the end."""
+    detectron2's `BitMasks.get_bounding_boxes`, i.e. torchvision's inclusive `masks_to_boxes` + 1 at the end.
+    torchvision is imported here, not at module level: it pulls in torch._dynamo (about 2 s), which every
+    `python -m bench` process would otherwise pay for."""
+    from torchvision.ops import masks_to_boxes
+
     return masks_to_boxes(masks).long() + _BOX_END.to(masks.device)

@@ -10,11 +10,12 @@ A builder from outside the package must return an `OVSegModel`; every failure is
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.metadata
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 from bench import BenchError
 
@@ -34,6 +35,20 @@ def register_model(name: str) -> Callable[[Callable], Callable]:
         return fn
 
     return wrap
+
+
+def register_config(name: str, model_cls: type, cfg: Any, doc: str) -> Callable:
+    """Register `name` as the builder `(protocol=None, **overrides) -> model_cls(cfg, protocol)`: the model config is
+    data (a dataclass instance), `overrides` replace its fields (e.g. a tiny variant of the same code), and the model
+    comes back frozen (no gradients) in eval mode. Returns the builder (`doc` is its docstring)."""
+
+    def build(protocol: Any = None, **overrides):
+        model = model_cls(dataclasses.replace(cfg, **overrides) if overrides else cfg, protocol)
+        return model.requires_grad_(False).eval()
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"{doc} `overrides` replace {type(cfg).__name__} fields."
+    return register_model(name)(build)
 
 
 def entry_points() -> dict[str, importlib.metadata.EntryPoint]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,8 @@ from bench.models.clip import (VILD_TEMPLATES, LayerNormFp32, ResidualAttentionB
                                encode_with_templates, resize_pos_embed)
 from bench.models.common import MLP, Block, EmptyWeightCriterion, LayerNorm2d
 from bench.models.mask_scores import soft_mask_labels, soft_mask_scores
-from bench.models.registry import register_model
+from bench.models.registry import register_config
+
 
 @dataclass(frozen=True)
 class SANConfig:
@@ -467,21 +468,8 @@ class SAN(OVSegModel):
         return results
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Builders
-# ---------------------------------------------------------------------------------------------------------------
-def _build(cfg: SANConfig, protocol: Protocol | None, overrides: dict) -> SAN:
-    model = SAN(replace(cfg, **overrides) if overrides else cfg, protocol)
-    return model.requires_grad_(False).eval()
-
-
-@register_model("san_vit_b_16")
-def san_vit_b_16(protocol: Protocol | None = None, **overrides) -> SAN:
-    """SAN with CLIP ViT-B/16 (`san_vit_b_16.pth`). `overrides` replace SANConfig fields (e.g. a tiny variant)."""
-    return _build(SAN_VIT_B_16, protocol, overrides)
-
-
-@register_model("san_vit_large_14")
-def san_vit_large_14(protocol: Protocol | None = None, **overrides) -> SAN:
-    """SAN with CLIP ViT-L/14-336 (`san_vit_large_14.pth`)."""
-    return _build(SAN_VIT_L_14, protocol, overrides)
+# Builders: model configs as data (bench.models.registry.register_config)
+san_vit_b_16 = register_config("san_vit_b_16", SAN, SAN_VIT_B_16,
+                               "SAN with CLIP ViT-B/16 (`san_vit_b_16.pth`).")
+san_vit_large_14 = register_config("san_vit_large_14", SAN, SAN_VIT_L_14,
+                                   "SAN with CLIP ViT-L/14-336 (`san_vit_large_14.pth`).")

@@ -24,7 +24,7 @@ What it checks, each failure an AssertionError saying which property broke:
    detectron2's `ImageList` batches do for the official SAN and SimSeg code: their scores change with the batch's
    padding (measured and returned, not asserted). Models that cut each image to its own padding (SCAN, whose
    official inference runs batch 1) pass it.
-6. FLOPs from shapes: the `model` scope counted on fake tensors (`bench.profile.count_flops_split(...,
+6. FLOPs from shapes: the `model` scope counted on fake tensors (`bench.flops.count_flops_split(...,
    shapes_of=model)`, how the harness counts) gives the count of a real call, and the model's scores afterwards
    are unchanged (no fake tensor left in a cache). A model whose shapes depend on values is counted by a real
    call; that is reported (`flops_counted_from`), not asserted.
@@ -234,7 +234,7 @@ def _check(model: OVSegModel, names: list[str], image_size, own_padding: bool, r
 
 
 def _check_flops_from_shapes(model, x, sizes, orig, base: torch.Tensor, rtol: float) -> str:
-    from bench.profile import count_flops_split
+    from bench.flops import count_flops_split
 
     kw = {"skip_crops": True} if hasattr(model, "crop_cost_fn") else {}
     counted = count_flops_split(lambda: model(x, sizes, **kw), shapes_of=model)
