@@ -269,3 +269,30 @@ def test_tiny_variant_end_to_end_and_bf16(k):
     assert (out["window_logits"] == -100).any() == (k > 8)
     assert scores_bf.dtype == torch.float32 and torch.isfinite(scores_bf).all()
     assert (scores_bf - scores).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("k", [5, 8, 11])
+@pytest.mark.parametrize("pooling", [(1, 1), (2, 2)])
+def test_split_aggregator_equals_the_official_order(k, pooling):
+    """The default aggregator (guidance share of q/k once per view, padding rows summed in once) gives the official
+    order's logits (`published_computation()`: concatenated guidance, classes padded to pad_len throughout) up to
+    float rounding, below, at and above pad_len, pooled or not; its FLOP count is the smaller one below pad_len."""
+    from bench.flops import count_flops
+
+    torch.manual_seed(0)
+    model = create_model("catseg_vit_b_16", **TINY, pooling_size=pooling)
+    for layer in model.aggregator.layers:      # non-zero padding rows (zeros would hide a wrong padding path)
+        torch.nn.init.normal_(layer.attention.padding_tokens)
+        torch.nn.init.normal_(layer.attention.padding_guidance)
+    image = np.random.default_rng(3).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    with torch.inference_mode():
+        model.encode_vocabulary([f"class {i}" for i in range(k)])
+        x, sizes = model.preprocess([image])
+        split = model(x, sizes)["window_logits"]
+        split_flops = count_flops(lambda: model(x, sizes))
+        with model.published_computation():
+            official = model(x, sizes)["window_logits"]
+            official_flops = count_flops(lambda: model(x, sizes))
+    assert not model.aggregator.official_order
+    assert rel_err(official, split) <= 1e-5, rel_err(official, split)
+    assert (split_flops < official_flops) if k < 8 else (split_flops <= official_flops), (split_flops, official_flops)

@@ -35,6 +35,7 @@ Module names and the state_dict are those of the official code (cvlab-kaist/CAT-
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -255,15 +256,37 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x [N*nW, T, dim+guidance] -> [N*nW, T, dim]; mask [nW, T, T] (0 / -100) or None."""
-        b, n, _ = x.shape
-        split = lambda t: t.view(b, n, self.heads, -1).transpose(1, 2)   # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x[..., :self.dim]))
+        """Official order: x [N, nW, T, dim+guidance] (each class's windows) -> [N, nW, T, dim]; mask [nW, T, T]
+        (0 / -100) or None."""
+        return self.attend(self.q(x), self.k(x), self.v(x[..., :self.dim]), mask)
+
+    def forward_split(self, x: torch.Tensor, guidance: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The same on x [B*T, nW, T', dim] (T classes per view) with the guidance once per view [B, nW, T', G]:
+        q and k are split into a feature part and a guidance part added per view (`split_linear`)."""
+        return self.attend(split_linear(self.q, x, guidance), split_linear(self.k, x, guidance), self.v(x), mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q, k, v [N, nW, T, dim] -> proj(attention) [N, nW, T, dim]. The windows ride in the head dimension, so
+        the shift mask broadcasts over N instead of being copied per class."""
+        n, nw, t, c = q.shape
+        heads = lambda a: a.view(n, nw, t, self.heads, -1).permute(0, 1, 3, 2, 4).reshape(  # noqa: E731
+            n, nw * self.heads, t, -1)
         if mask is not None:
-            nw = mask.shape[0]
-            mask = mask.to(q.dtype)[None, :, None].expand(b // nw, -1, -1, -1, -1).reshape(b, 1, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+            mask = mask.to(q.dtype)[:, None].expand(-1, self.heads, -1, -1).reshape(1, nw * self.heads, t, t)
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+        out = out.view(n, nw, self.heads, t, -1).permute(0, 1, 3, 2, 4).reshape(n, nw, t, c)
+        return self.proj(out)
+
+
+def split_linear(linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """linear(cat([x, guidance], -1)) without building the concatenation: x [B*T, ..., C] (T classes per view),
+    guidance [B, ..., G] the same for every class of a view. The guidance part (G columns of the weight) is
+    computed once per view and added; the same result up to float rounding."""
+    c = x.shape[-1]
+    out = F.linear(x, linear.weight[:, :c], linear.bias)
+    b = guidance.shape[0]
+    out.view(b, -1, *out.shape[1:]).add_(F.linear(guidance, linear.weight[:, c:])[:, None])
+    return out
 
 
 class SwinTransformerBlock(nn.Module):
@@ -283,18 +306,29 @@ class SwinTransformerBlock(nn.Module):
         self.register_buffer("attn_mask", swin_shift_mask(size, size, self.window, self.shift, torch.device("cpu"))
                              if self.shift else None)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        """x [N, H*W, C], guidance [N, H*W, G] -> [N, H*W, C]."""
-        n, hw, c = x.shape
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor, split: bool = True) -> torch.Tensor:
+        """x [B, T, H*W, C] (T classes per view), guidance [B, H*W, G] (per view) -> [B, T, H*W, C].
+
+        Official order (`split=False`): the guidance copied to every class and concatenated after norm1, q/k on
+        the concatenation. Split (the default): the same block with the guidance's share of q/k computed once per
+        view (`WindowAttention.forward_split`); the same result up to float rounding, no per-class guidance copy."""
+        b, t, hw, c = x.shape
         s, w = self.size, self.window
-        y = torch.cat([self.norm1(x), guidance], dim=-1).view(n, s, s, -1)
+        y = self.norm1(x).view(b * t, s, s, c)
+        g = guidance.view(b, s, s, -1)
+        if not split:
+            y = torch.cat([y, g[:, None].expand(-1, t, -1, -1, -1).reshape(b * t, s, s, -1)], dim=-1)
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y = self.attn(window_partition(y, w).flatten(0, 1), self.attn_mask)
-        y = window_reverse(y.view(n, -1, w * w, y.shape[-1]), w, s, s)
+            g = torch.roll(g, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        if split:
+            y = self.attn.forward_split(window_partition(y, w), window_partition(g, w), self.attn_mask)
+        else:
+            y = self.attn(window_partition(y, w), self.attn_mask)
+        y = window_reverse(y, w, s, s)
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = x + y.reshape(n, hw, c)
+        x = x + y.view(b, t, hw, c)
         return x + self.mlp(self.norm2(x))
 
 
@@ -307,25 +341,29 @@ class SwinTransformerBlockWrapper(nn.Module):
         self.block_2 = SwinTransformerBlock(cfg, shift=cfg.window_size // 2)
         self.guidance_norm = nn.LayerNorm(cfg.appearance_guidance_proj_dim)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor, split: bool = True) -> torch.Tensor:
         """x [B, T, H*W, C]; guidance [B, G, H, W] -> [B, T, H*W, C]."""
-        b, t, hw, c = x.shape
         g = self.guidance_norm(guidance.flatten(2).transpose(1, 2))            # [B, H*W, G], same for every class
-        g = g[:, None].expand(-1, t, -1, -1).reshape(b * t, hw, -1)
-        x = x.reshape(b * t, hw, c)
-        x = self.block_2(self.block_1(x, g), g)
-        return x.view(b, t, hw, c)
+        return self.block_2(self.block_1(x, g, split), g, split)
 
 
 class LinearAttention(nn.Module):
     """'Transformers are RNNs' attention with the elu+1 feature map (eps 1e-6), values scaled by 1/S and back."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-        """q [N, L, H, D], k, v [N, S, H, D] -> [N, L, H, D]."""
-        q, k = F.elu(q) + 1, F.elu(k) + 1
-        s = v.shape[1]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
+                repeated: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """q [N, L, H, D], k, v [N, S, H, D] -> [N, L, H, D]. `repeated` = (k_r [H, D], v_r [H, D], count): `count`
+        more key/value rows, all equal to (k_r, v_r), summed in once instead of stored per row."""
+        q, k = F.elu(q).add_(1), F.elu(k).add_(1)
+        s = v.shape[1] + (repeated[2] if repeated else 0)
         kv = torch.einsum("nshd,nshv->nhdv", k, v / s)
-        z = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)
+        k_sum = k.sum(dim=1)
+        if repeated:
+            k_r, v_r, count = repeated
+            k_r = F.elu(k_r).add_(1)
+            kv = kv + count * torch.einsum("hd,hv->hdv", k_r, v_r / s)
+            k_sum = k_sum + count * k_r
+        z = 1 / (torch.einsum("nlhd,nhd->nlh", q, k_sum) + eps)
         return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, z) * s
 
 
@@ -362,8 +400,12 @@ class ClassTransformerLayer(nn.Module):
         self.padding_tokens = nn.Parameter(torch.zeros(1, 1, dim))
         self.padding_guidance = nn.Parameter(torch.zeros(1, 1, gdim))
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """x [B, T, H*W, C], guidance [B, T, G] -> [B, T, H*W, C]."""
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor, size: tuple[int, int],
+                split: bool = True) -> torch.Tensor:
+        """x [B, T, H*W, C], guidance [B, T, G] -> [B, T, H*W, C]. Official order (`split=False`): padding rows
+        appended up to pad_len and carried through the whole layer, the text guidance copied to every pixel.
+        Split (the default): the text guidance's share of q/k once per view, the padding rows (all equal) summed
+        into the linear attention once and never carried (their outputs are dropped); same result up to rounding."""
         b, t, hw, c = x.shape
         h, w = size
         pooled = self.pooling != (1, 1)
@@ -373,21 +415,47 @@ class ClassTransformerLayer(nn.Module):
             ph, pw = y.shape[-2:]
             y = y.flatten(2).transpose(1, 2).reshape(b, t, ph * pw, c)
         p = y.shape[2]
-        if t < self.pad_len:
-            pad = self.pad_len - t
-            y = torch.cat([y, self.padding_tokens.to(y.dtype).expand(b, pad, p, c)], dim=1)
-            guidance = torch.cat([guidance, self.padding_guidance.to(guidance.dtype).expand(b, pad, -1)], dim=1)
-        n = y.shape[1]
-        y = y.transpose(1, 2).reshape(b * p, n, c)                          # [(B P), T', C]
-        g = guidance[:, None].expand(-1, p, -1, -1).reshape(b * p, n, -1)
-        y = y + self.attention(self.norm1(y), g)
-        y = y + self.MLP(self.norm2(y))
-        y = y.view(b, p, n, c)[:, :, :t].transpose(1, 2)                    # [B, T, P, C]
+        y = y.transpose(1, 2).reshape(b, p, t, c)                           # [B, P, T, C]
+        y = self._layer_split(y, guidance) if split else self._layer_padded(y, guidance)
+        y = y.transpose(1, 2)                                               # [B, T, P, C]
         if pooled:
-            y = y.transpose(2, 3).reshape(b * t, c, ph, pw)
+            y = y.reshape(b * t, ph, pw, c).permute(0, 3, 1, 2)
             y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=True)
             y = y.flatten(2).transpose(1, 2).reshape(b, t, hw, c)
         return x + y
+
+    def _layer_padded(self, y: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """Official: y [B, P, T, C], the classes padded to pad_len through attention and MLP, the padding cut."""
+        b, p, t, c = y.shape
+        pad = max(self.pad_len - t, 0)
+        if pad:
+            y = torch.cat([y, self.padding_tokens.to(y.dtype)[:, None].expand(b, p, pad, c)], dim=2)
+            guidance = torch.cat([guidance, self.padding_guidance.to(guidance.dtype).expand(b, pad, -1)], dim=1)
+        n = t + pad
+        y = y.reshape(b * p, n, c)
+        g = guidance[:, None].expand(-1, p, -1, -1).reshape(b * p, n, -1)
+        y = y + self.attention(self.norm1(y), g)
+        y = y + self.MLP(self.norm2(y))
+        return y.view(b, p, n, c)[:, :, :t]
+
+    def _layer_split(self, y: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """The same on the class rows alone: q/k split (`split_linear`, guidance [B, T, G] per view), the padding
+        rows' key and value computed once and counted pad times."""
+        b, p, t, c = y.shape
+        att = self.attention
+        heads = lambda a: a.reshape(b * p, t, att.heads, -1)   # noqa: E731
+        yn = self.norm1(y).reshape(b * p, t, c)
+        q, k = split_linear(att.q, yn, guidance), split_linear(att.k, yn, guidance)
+        pad = max(self.pad_len - t, 0)
+        repeated = None
+        if pad:
+            token = self.norm1(self.padding_tokens.to(y.dtype))[0]           # [1, C]
+            token_guidance = torch.cat([token, self.padding_guidance.to(y.dtype)[0]], dim=-1)
+            k_r, v_r = att.k(token_guidance).view(att.heads, -1), att.v(token).view(att.heads, -1)
+            repeated = (k_r, v_r, pad)
+        out = att.attention(heads(q), heads(k), heads(att.v(yn)), repeated=repeated)
+        y = y + out.reshape(b, p, t, c)
+        return y + self.MLP(self.norm2(y))
 
 
 class AggregatorLayer(nn.Module):
@@ -396,9 +464,10 @@ class AggregatorLayer(nn.Module):
         self.swin_block = SwinTransformerBlockWrapper(cfg)
         self.attention = ClassTransformerLayer(cfg)
 
-    def forward(self, x: torch.Tensor, appearance: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        x = self.swin_block(x, appearance)
-        return self.attention(x, text, appearance.shape[-2:])
+    def forward(self, x: torch.Tensor, appearance: torch.Tensor, text: torch.Tensor,
+                split: bool = True) -> torch.Tensor:
+        x = self.swin_block(x, appearance, split)
+        return self.attention(x, text, appearance.shape[-2:], split)
 
 
 class DoubleConv(nn.Module):
@@ -448,6 +517,7 @@ class Aggregator(nn.Module):
         self.decoder1 = Up(hid, d1, g1)
         self.decoder2 = Up(d1, d2, g2)
         self.head = nn.Conv2d(d2, 1, kernel_size=3, padding=1)
+        self.official_order = False     # True under CATSeg.published_computation()
 
     def select_classes(self, cost: torch.Tensor, text: torch.Tensor):
         """K > pad_len: per view, the pad_len classes with the highest maximum cost (ascending class order; the
@@ -478,7 +548,7 @@ class Aggregator(nn.Module):
         decoder_guidance = [proj(g) for proj, g in zip(self.decoder_guidance_projection, guidance[1:])]
         text_guidance = self.text_guidance_projection(F.normalize(text, dim=-1))
         for layer in self.layers:
-            x = layer(x, appearance, text_guidance)
+            x = layer(x, appearance, text_guidance, split=not self.official_order)
         if capture is not None:
             capture["aggregated"] = x
         x = x.transpose(2, 3).reshape(b * t, -1, h, w)
@@ -567,6 +637,18 @@ class CATSeg(OVSegModel):
         if self.text_embed.device != like.device or self.text_embed.dtype != like.dtype:
             self.text_embed = self.text_embed.to(like)
         return self.text_embed
+
+    @contextlib.contextmanager
+    def published_computation(self):
+        """The aggregator in the official order (the guidance concatenated to every class before the q/k
+        projections, the class attention padded to pad_len end to end): the papers' FLOP count. The default split
+        path gives the same result up to float rounding with less work (fewer FLOPs at K < 256)."""
+        aggregator = self.aggregator
+        saved, aggregator.official_order = aggregator.official_order, True
+        try:
+            yield
+        finally:
+            aggregator.official_order = saved
 
     # -- sliding window ---------------------------------------------------------------------------------------
     def window_starts(self) -> list[int]:
