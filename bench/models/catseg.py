@@ -329,7 +329,20 @@ class SwinTransformerBlock(nn.Module):
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
         x = x + y.view(b, t, hw, c)
-        return x + self.mlp(self.norm2(x))
+        if not split:
+            return x + self.mlp(self.norm2(x))
+        return x + mlp_in_row_blocks(self.mlp.fc1, self.mlp.act, self.mlp.fc2, self.norm2(x))
+
+
+def mlp_in_row_blocks(fc1: nn.Linear, act: nn.Module, fc2: nn.Linear, x: torch.Tensor,
+                      rows: int = 32768) -> torch.Tensor:
+    """fc2(act(fc1(x))) a block of rows at a time: the 4x wider hidden activations stay in cache instead of
+    going to memory and back (CAT-Seg's aggregator MLPs see 0.4-0.7 M rows); every row's arithmetic is the same."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat.new_empty(flat.shape[0], fc2.out_features)
+    for s in range(0, flat.shape[0], rows):
+        out[s:s + rows] = fc2(act(fc1(flat[s:s + rows])))
+    return out.view(*x.shape[:-1], -1)
 
 
 class SwinTransformerBlockWrapper(nn.Module):
@@ -455,7 +468,7 @@ class ClassTransformerLayer(nn.Module):
             repeated = (k_r, v_r, pad)
         out = att.attention(heads(q), heads(k), heads(att.v(yn)), repeated=repeated)
         y = y + out.reshape(b, p, t, c)
-        return y + self.MLP(self.norm2(y))
+        return y + mlp_in_row_blocks(self.MLP[0], self.MLP[1], self.MLP[2], self.norm2(y))
 
 
 class AggregatorLayer(nn.Module):
