@@ -199,7 +199,7 @@ def scope_fns(model, image: np.ndarray, crop_batch: int, runner=None,
     """The callables that are counted and timed (module docstring). `runner` replaces `model.__call__` (a
     torch.compile'd module); `model` supplies preprocess / postprocess / crop_cost_fn. With `phases`, end_to_end
     marks its three phases for torch.profiler (gap tables only, never while timing)."""
-    runner = runner or model
+    runner = model if runner is None else runner   # not `or`: a compiled module refuses bool() (no len())
     mark = torch.profiler.record_function if phases else (lambda _name: contextlib.nullcontext())
     with torch.inference_mode():   # an inference tensor, as in end_to_end: one compiled graph serves both scopes
         x, sizes = model.preprocess([image])

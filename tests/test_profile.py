@@ -145,3 +145,22 @@ def test_the_uncached_text_cost_runs_the_text_tower_for_the_count_and_for_the_ti
     calls.clear()
     cost = text_encoding_cost(model, ["sky", "road"])
     assert len(calls) == 2 and cost["gflops_text"] > 0 and cost["text_encode_s_uncached"] > 0
+
+
+def test_scopes_take_a_compiled_runner():
+    """`compile=default` cells hand scope_fns a torch.compile'd module, which refuses bool() (it has no len()):
+    the scopes must take it as the runner (a make bench-cpu compile cell failed with "SAN does not support len()").
+    The runner is not called here (compiling takes minutes on a CPU); the closures must only be built with it."""
+    import numpy as np
+
+    from bench.models import create_model
+    from bench.profile import scope_fns
+    from test_san import TINY as TINY_SAN
+
+    torch.manual_seed(0)
+    model = create_model("san_vit_b_16", **TINY_SAN).eval()
+    compiled = torch.compile(model)
+    with pytest.raises(TypeError):
+        bool(compiled)
+    fns = scope_fns(model, np.zeros((32, 32, 3), np.uint8), crop_batch=1, runner=compiled)
+    assert set(fns) == {"model", "end_to_end"}
