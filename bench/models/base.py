@@ -115,3 +115,15 @@ class OVSegModel(nn.Module):
         x, sizes = self.preprocess(images)
         outputs = self(x, sizes)
         return self.postprocess(outputs, sizes, [im.shape[:2] for im in images])
+
+
+@contextlib.contextmanager
+def attribute_set(obj, name: str, value):
+    """`obj.<name>` = value inside the block, its old value back afterwards (a model's published_computation()
+    switching a module to the official order)."""
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)

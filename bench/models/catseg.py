@@ -35,7 +35,6 @@ Module names and the state_dict are those of the official code (cvlab-kaist/CAT-
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import BenchError
-from bench.models.base import OVSegModel, Protocol
+from bench.models.base import OVSegModel, Protocol, attribute_set
 from bench.models.clip import MLP, LayerNormFp32, QuickGELU, encode_with_templates, resize_pos_embed
 from bench.models.common import Mlp
 from bench.models.registry import register_config
@@ -651,17 +650,11 @@ class CATSeg(OVSegModel):
             self.text_embed = self.text_embed.to(like)
         return self.text_embed
 
-    @contextlib.contextmanager
     def published_computation(self):
         """The aggregator in the official order (the guidance concatenated to every class before the q/k
         projections, the class attention padded to pad_len end to end): the papers' FLOP count. The default split
         path gives the same result up to float rounding with less work (fewer FLOPs at K < 256)."""
-        aggregator = self.aggregator
-        saved, aggregator.official_order = aggregator.official_order, True
-        try:
-            yield
-        finally:
-            aggregator.official_order = saved
+        return attribute_set(self.aggregator, "official_order", True)
 
     # -- sliding window ---------------------------------------------------------------------------------------
     def window_starts(self) -> list[int]:

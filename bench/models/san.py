@@ -24,7 +24,6 @@ bottom are registered as `san_vit_b_16` and `san_vit_large_14`.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import BenchError
-from bench.models.base import OVSegModel, Protocol
+from bench.models.base import OVSegModel, Protocol, attribute_set
 from bench.models.clip import (VILD_TEMPLATES, LayerNormFp32, ResidualAttentionBlock, TextTransformer,
                                encode_with_templates, resize_pos_embed)
 from bench.models.common import MLP, Block, EmptyWeightCriterion, LayerNorm2d
@@ -404,17 +403,11 @@ class SAN(OVSegModel):
             self.classifier = self.classifier.to(like)   # follow the model to its device / precision once
         return self.classifier
 
-    @contextlib.contextmanager
     def published_computation(self):
         """The recognition head in the official order (every row of every block, SOS x SOS attention included):
         the count the analytic estimate and the papers use (63.3 GMACs for ViT-B/16 at 640²), about 2.6 GMACs
         above what the timed path executes."""
-        head = self.clip_rec_head
-        saved, head.official_order = head.official_order, True
-        try:
-            yield
-        finally:
-            head.official_order = saved
+        return attribute_set(self.clip_rec_head, "official_order", True)
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None,
