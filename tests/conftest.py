@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
+import pytest
 import torch
 
 from bench.profile import configure_allocator
@@ -71,3 +72,19 @@ def load_filled(model: torch.nn.Module, family: str, manifest: Path, scaled: boo
         return load_checkpoint(model, str(path), ignore_prefixes=ignore_prefixes)
     finally:
         path.unlink()
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    """san_tiny.pth: the tiny SAN's (tests/fixtures/conf/model/san_tiny.yaml) seeded random weights in the
+    published layout ({'model': state_dict}), for sweep and fault tests that read a checkpoint."""
+    from omegaconf import OmegaConf
+
+    from bench.models import create_model
+
+    cfg = OmegaConf.load(FIXTURES / "conf" / "model" / "san_tiny.yaml")
+    torch.manual_seed(0)
+    model = create_model(cfg.builder, **OmegaConf.to_container(cfg.builder_kwargs))
+    folder = tmp_path_factory.mktemp("tiny_weights")
+    torch.save({"model": model.state_dict(), "iteration": 1}, folder / "san_tiny.pth")
+    return folder

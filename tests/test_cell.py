@@ -121,20 +121,13 @@ def test_cli_unknown_model_lists_the_valid_ones(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_with_a_failing_cell_finishes_then_exits_nonzero(tmp_path):
+def test_sweep_with_a_failing_cell_finishes_then_exits_nonzero(tmp_path, tiny_weights):
     """A two-model sweep of isolated cells (each in its own process): SAN-L's checkpoint is not a checkpoint, the
     tiny SAN's is fine (the san_b code path at small widths, tests/fixtures/conf: the full-size SAN-B cell cost
     this test 30 s). The good cell is recorded, the bad one is an error, the leaderboard is written, exit 1."""
-    from omegaconf import OmegaConf
-
-    from bench.models import create_model
-
     weights = tmp_path / "weights"
     weights.mkdir()
-    tiny = OmegaConf.load(ROOT / "tests" / "fixtures" / "conf" / "model" / "san_tiny.yaml")
-    torch.manual_seed(0)
-    model = create_model(tiny.builder, **OmegaConf.to_container(tiny.builder_kwargs))
-    torch.save({"model": model.state_dict(), "iteration": 1}, weights / tiny.checkpoint.file)
+    os.symlink(tiny_weights / "san_tiny.pth", weights / "san_tiny.pth")
     (weights / "san_vit_large_14.pth").write_bytes(b"not a checkpoint")
     out = _cli("-m", f"hydra.searchpath=[file://{ROOT / 'tests' / 'fixtures' / 'conf'}]", "model=san_l,san_tiny",
                *FAST, f"results_dir={tmp_path / 'results'}", f"data_root={tmp_path / 'd'}", f"weights_dir={weights}",

@@ -421,22 +421,6 @@ def test_each_cell_runs_in_a_fresh_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- failing cell
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    """san_tiny.pth: the tiny SAN's seeded random weights in the published layout ({'model': state_dict})."""
-    from omegaconf import OmegaConf
-
-    from bench.models import create_model
-    import bench.models.san  # noqa: F401  (registers the builders)
-
-    cfg = OmegaConf.load(ROOT / "tests" / "fixtures" / "conf" / "model" / "san_tiny.yaml")
-    torch.manual_seed(0)
-    model = create_model(cfg.builder, **OmegaConf.to_container(cfg.builder_kwargs))
-    folder = tmp_path_factory.mktemp("tiny_weights")
-    torch.save({"model": model.state_dict(), "iteration": 1}, folder / "san_tiny.pth")
-    return folder
-
-
 def _truncate(src: Path, dst: Path) -> None:
     data = src.read_bytes()
     dst.write_bytes(data[: len(data) // 3])
