@@ -57,15 +57,21 @@ def unpack_masks(npz: Mapping, name: str, width: int | None = None) -> np.ndarra
     return (bits if width is None else bits[..., :width]).astype(bool)
 
 
-def load_filled(model: torch.nn.Module, family: str, manifest: Path, scaled: bool, path: Path, wrap: bool = True,
-                extra: Mapping[str, torch.Tensor] | None = None, ignore_prefixes: tuple[str, ...] = ()):
+def load_filled(model: torch.nn.Module, family: str, manifest: Path, scaled: bool, path: Path | None,
+                wrap: bool = True, extra: Mapping[str, torch.Tensor] | None = None,
+                ignore_prefixes: tuple[str, ...] = ()):
     """Fill a fixture's state dict (bench.testing.fills), write it to `path` ({'model': sd} when `wrap`, plus any
-    `extra` keys), load it through `load_checkpoint` and delete the file. Returns the load report."""
-    from bench.models.checkpoint import load_checkpoint
+    `extra` keys), load it through `load_checkpoint` and delete the file. Returns the load report. With
+    `path=None` the filled dict goes straight to `load_state_dict_strict` (the same strict load, no file: a golden
+    module reads its first fill through a file and the second from memory; a full-size save + read + sha256 costs
+    CI about 5 s per large model, and every wrapper layout has its own test in test_checkpoint.py)."""
+    from bench.models.checkpoint import load_checkpoint, load_state_dict_strict
     from bench.testing.fills import golden_state_dict
 
     state_dict = golden_state_dict(family, manifest, scaled=scaled)
     state_dict.update(extra or {})
+    if path is None:
+        return load_state_dict_strict(model, state_dict, f"{family} fill", ignore_prefixes)
     torch.save({"model": state_dict, "iteration": 0} if wrap else state_dict, path)
     del state_dict
     try:

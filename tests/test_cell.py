@@ -1,5 +1,7 @@
-"""The cell runner end to end on SAN ViT-B/16 (the real model) at a small resolution on the synthetic layout:
-records, skip/force, missing inputs, failing cells, non-finite outputs, the leaderboard, and the CLI."""
+"""The cell runner end to end at a small resolution on the synthetic layout: records, skip/force, missing inputs,
+failing cells, non-finite outputs, the leaderboard, and the CLI. The first test runs the full-size SAN ViT-B/16 (the
+real model and checkpoint size); the others run the tiny SAN (tests/fixtures/conf/model/san_tiny.yaml: the san_b
+code path at small widths), which takes a few seconds per cell instead of about 15."""
 from __future__ import annotations
 
 import json
@@ -23,6 +25,9 @@ CONF = str(ROOT / "conf")
 # a 256-px matmul peak probe (the default 2048 costs about 4 s of every test cell; the figures stay measured)
 FAST = ["resolution=64", "profile.warmup=0", "profile.iters=1", "profile.peak_size=256",
         "profile.vocabulary=synthetic8.txt", "progress=false", "dataset=synthetic"]
+
+
+TINY = [f"hydra.searchpath=[file://{ROOT / 'tests' / 'fixtures' / 'conf'}]", "model=san_tiny"]
 
 
 def make_cfg(tmp: Path, *overrides: str):
@@ -64,40 +69,40 @@ def test_cell_ok_then_skipped_then_forced(tmp_path, san_checkpoint):
 
 
 def test_missing_inputs_are_recorded_with_the_expected_paths(tmp_path):
-    rec = run_cell(make_cfg(tmp_path, "dataset=ade150"))
+    rec = run_cell(make_cfg(tmp_path, *TINY, "dataset=ade150"))
     assert rec["status"] == "missing"
-    assert f"no checkpoint at {tmp_path / 'weights' / 'san_vit_b_16.pth'}" in rec["reason"]
+    assert f"no checkpoint at {tmp_path / 'weights' / 'san_tiny.pth'}" in rec["reason"]
     assert "no dataset at " in rec["reason"] and "ADEChallengeData2016" in rec["reason"]
     assert rec["gflops_model"] > 0  # efficiency is measured without weights
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other_model", "nan"])
-def test_bad_checkpoints_fail_the_cell_with_one_line(tmp_path, san_checkpoint, damage):
+def test_bad_checkpoints_fail_the_cell_with_one_line(tmp_path, tiny_weights, damage):
     weights = tmp_path / "weights"
     weights.mkdir()
-    src = san_checkpoint / "san_vit_b_16.pth"
+    src, dst = tiny_weights / "san_tiny.pth", weights / "san_tiny.pth"
     if damage == "truncated":
         data = src.read_bytes()
-        (weights / "san_vit_b_16.pth").write_bytes(data[: len(data) // 3])
+        dst.write_bytes(data[: len(data) // 3])
     elif damage == "other_model":
-        torch.save({"model": {"backbone.res2.0.conv1.weight": torch.zeros(64, 64, 1, 1)}}, weights / "san_vit_b_16.pth")
+        torch.save({"model": {"backbone.res2.0.conv1.weight": torch.zeros(64, 64, 1, 1)}}, dst)
     else:
         sd = torch.load(src, weights_only=True)["model"]
         sd = {k: (torch.full_like(v, float("nan")) if k.startswith("side_adapter_network") else v) for k, v in sd.items()}
-        torch.save({"model": sd}, weights / "san_vit_b_16.pth")
-    rec = run_cell(make_cfg(tmp_path))
+        torch.save({"model": sd}, dst)
+    rec = run_cell(make_cfg(tmp_path, *TINY))
     assert rec["status"] == "error" and "\n" not in rec["reason"]
     expected = {"truncated": "is truncated or corrupt", "other_model": "does not match",
                 "nan": "non-finite outputs"}[damage]
     assert expected in rec["reason"]
 
 
-def test_leaderboard_from_cells(tmp_path, san_checkpoint):
-    run_cell(make_cfg(tmp_path, f"weights_dir={san_checkpoint}"))
-    run_cell(make_cfg(tmp_path, "dataset=ade150"))
+def test_leaderboard_from_cells(tmp_path, tiny_weights):
+    run_cell(make_cfg(tmp_path, *TINY, f"weights_dir={tiny_weights}"))
+    run_cell(make_cfg(tmp_path, *TINY, "dataset=ade150"))
     build_leaderboard(str(tmp_path / "results"))
     md = (tmp_path / "results" / "leaderboard.md").read_text()
-    assert "pipeline check" in md and "**No checkpoint**" in md and "SAN ViT-B/16" in md
+    assert "pipeline check" in md and "**No checkpoint**" in md and "SAN tiny (test)" in md
     import pandas as pd
 
     runs = pd.read_csv(tmp_path / "results" / "runs.csv")
@@ -144,8 +149,8 @@ def test_sweep_with_a_failing_cell_finishes_then_exits_nonzero(tmp_path, tiny_we
 def test_repeated_cells_are_separate_measurements(tmp_path):
     """repeat=0,1: two records (distinct keys), each timed in its own run (no shared profile cache); the
     leaderboard gets one Repeatability row over both."""
-    recs = [run_cell(make_cfg(tmp_path, "synthesize_weights=true", "max_images=1", f"repeat={i}", "profile.iters=3"))
-            for i in (0, 1)]
+    recs = [run_cell(make_cfg(tmp_path, *TINY, "synthesize_weights=true", "max_images=1", f"repeat={i}",
+                              "profile.iters=3")) for i in (0, 1)]
     assert [r["status"] for r in recs] == ["ok", "ok"] and recs[0]["key"] != recs[1]["key"]
     assert [r["repeat"] for r in recs] == [0, 1]
     for r in recs:
@@ -154,11 +159,11 @@ def test_repeated_cells_are_separate_measurements(tmp_path):
     assert len(list((tmp_path / "results" / "cache").glob("profile-*.json"))) == 2
     build_leaderboard(str(tmp_path / "results"))
     section = (tmp_path / "results" / "leaderboard.md").read_text().split("### Repeatability")[1].split("\n#")[0]
-    assert sum(ln.startswith("| SAN ViT-B/16") for ln in section.splitlines()) == 1
+    assert sum(ln.startswith("| SAN tiny (test)") for ln in section.splitlines()) == 1
 
 
 def test_bf16_cell_reports_agreement_with_fp32(tmp_path):
-    rec = run_cell(make_cfg(tmp_path, "precision=bf16", "synthesize_weights=true", "profile.enabled=false",
+    rec = run_cell(make_cfg(tmp_path, *TINY, "precision=bf16", "synthesize_weights=true", "profile.enabled=false",
                             "compare_fp32_images=2"))
     assert rec["status"] == "ok", rec.get("reason")
     assert rec["fp32_compared_images"] == 2
@@ -180,38 +185,37 @@ def test_gpu_cell_matches_cpu_cell(tmp_path):
 def _copy_weights(src_folder, tmp_path, name="weights_live"):
     folder = tmp_path / name
     folder.mkdir()
-    (folder / "san_vit_b_16.pth").write_bytes((src_folder / "san_vit_b_16.pth").read_bytes())
+    (folder / "san_tiny.pth").write_bytes((src_folder / "san_tiny.pth").read_bytes())
     return folder
 
 
-def test_failed_forced_rerun_keeps_the_ok_record(tmp_path, san_checkpoint):
+def test_failed_forced_rerun_keeps_the_ok_record(tmp_path, tiny_weights):
     """force=true with a broken checkpoint: the ok record stays (the failure noted in it), the run says it failed."""
-    weights = _copy_weights(san_checkpoint, tmp_path)
-    rec = run_cell(make_cfg(tmp_path, f"weights_dir={weights}", "profile.enabled=false"))
+    weights = _copy_weights(tiny_weights, tmp_path)
+    rec = run_cell(make_cfg(tmp_path, *TINY, f"weights_dir={weights}", "profile.enabled=false"))
     assert rec["status"] == "ok"
-    data = (weights / "san_vit_b_16.pth").read_bytes()
-    (weights / "san_vit_b_16.pth").write_bytes(data[: len(data) // 3])
-    again = run_cell(make_cfg(tmp_path, f"weights_dir={weights}", "profile.enabled=false", "force=true"))
+    data = (weights / "san_tiny.pth").read_bytes()
+    (weights / "san_tiny.pth").write_bytes(data[: len(data) // 3])
+    again = run_cell(make_cfg(tmp_path, *TINY, f"weights_dir={weights}", "profile.enabled=false", "force=true"))
     assert again["rerun_failed_now"] is True and again["status"] == "ok"
     kept = load_records(str(tmp_path / "results"))
     assert len(kept) == 1 and kept[0]["mIoU"] == rec["mIoU"] and kept[0]["rerun_failed"].startswith("error: ")
     assert "rerun_failed_now" not in kept[0]
 
 
-def test_stale_cells_are_recomputed_with_the_reason(tmp_path, san_checkpoint, capsys):
+def test_stale_cells_are_recomputed_with_the_reason(tmp_path, tiny_weights, capsys):
     """A replaced checkpoint or a dataset with other files is not skipped as done: the cell is recomputed and
     the line says why; unchanged inputs are skipped."""
-    weights = _copy_weights(san_checkpoint, tmp_path)
-    args = (f"weights_dir={weights}", "profile.enabled=false")
+    weights = _copy_weights(tiny_weights, tmp_path)
+    args = (*TINY, f"weights_dir={weights}", "profile.enabled=false")
     first = run_cell(make_cfg(tmp_path, *args))
     assert first["inputs"]["checkpoint"]["sha256"] == first["checkpoint_sha256"]
     assert first["inputs"]["dataset"]["n_images"] == 4
     run_cell(make_cfg(tmp_path, *args))
     assert "[skip]" in capsys.readouterr().out
-    torch.manual_seed(1)
-    from bench.models import create_model
-
-    torch.save({"model": create_model("san_vit_b_16").state_dict()}, weights / "san_vit_b_16.pth")
+    sd = torch.load(weights / "san_tiny.pth", weights_only=True)["model"]
+    torch.save({"model": {k: v + 0.01 if v.is_floating_point() else v for k, v in sd.items()}},
+               weights / "san_tiny.pth")
     second = run_cell(make_cfg(tmp_path, *args))
     out = capsys.readouterr().out
     assert "[recompute]" in out and "checkpoint" in out and "changed (sha256" in out

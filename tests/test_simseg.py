@@ -68,15 +68,17 @@ def image() -> np.ndarray:
 @pytest.fixture(scope="module")
 def weights(model, tmp_path_factory):
     """use(variant) -> the model holding the filled weights of 'golden' or 'golden_scaled', the golden settings
-    and VOCAB encoded; loads through load_checkpoint only when the variant changes."""
+    and VOCAB encoded; loads only when the variant changes (plain: through load_checkpoint from a file; scaled: the
+    same strict load from memory)."""
     current = {}
 
     def use(variant: str) -> SimSeg:
         if current.get("variant") != variant:
             scaled = variant == "golden_scaled"
-            report = load_filled(model, "simseg", GOLDEN / "manifest.json", scaled,
-                                 tmp_path_factory.mktemp("simseg") / f"{variant}.pth", wrap=not scaled)
-            assert report.ignored_keys == [] and report.absent_optional == [] and len(report.sha256) == 64
+            path = None if scaled else tmp_path_factory.mktemp("simseg") / f"{variant}.pth"   # scaled: from memory
+            report = load_filled(model, "simseg", GOLDEN / "manifest.json", scaled, path)
+            assert report.ignored_keys == [] and report.absent_optional == []
+            assert len(report.sha256) == (0 if scaled else 64)
             current["variant"] = variant
         run = json.loads((GOLDEN / f"{variant}.run.json").read_text())
         model.configure(mask_thr=run["mask_thr"], ensemble_weight=run["clip_ensemble_weight"])
