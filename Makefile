@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODELS ?= san_b,san_l,simseg,scan_l,scan_b,catseg_b,catseg_l
 DATASETS ?= ade847,pc459,ade150,pc59,voc20,voc20b,voc20b_proxies
 
-.PHONY: setup test test-fast bench bench-cpu bench-vocab bench-gpu bench-overhead bench-repeat leaderboard weights clean
+.PHONY: setup test test-fast bench bench-cpu bench-cpu-official bench-vocab bench-gpu bench-overhead bench-repeat leaderboard weights clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ bench:
 bench-cpu:
 	$(PY) -m bench -m +sweep=cpu_speed $(ARGS)
 	$(PY) -m bench -m +sweep=cpu_speed model=san_b precision=fp32,bf16 compile=default $(ARGS)
+
+# SAN-B beside the official SAN (MendelXu/SAN e19262d under detectron2 02b5c4e, bench/official), interleaved in
+# one run: fp32 and bf16 (official: CPU autocast) on an idle machine, then fp32 with two CPU-bound background
+# processes started and stopped by the cell (profile.background_load=2). Needs the reference environment
+# (README "Official code beside ours"): REF=<its folder>, or OVSEG_REFERENCE_ENV; without it the rows say why.
+bench-cpu-official:
+	$(PY) -m bench -m +sweep=cpu_speed model=san_b precision=fp32,bf16 profile.official=true \
+		$(if $(REF),profile.official_env=$(REF)) $(ARGS)
+	$(PY) -m bench -m +sweep=cpu_speed model=san_b precision=fp32 profile.official=true profile.background_load=2 \
+		$(if $(REF),profile.official_env=$(REF)) $(ARGS)
 
 # Cost against vocabulary size: every model at K = 20, 59, 150, 459, 847 (conf/sweep/vocab_cost.yaml), evaluation
 # off; the leaderboard's "Cost against vocabulary size" table and plot.

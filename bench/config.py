@@ -72,6 +72,7 @@ class ModelConfig:
     order: int = run_field(1000)            # position on the leaderboard
     published: Dict[str, Any] = run_field(factory=dict)
     golden_fill: Optional[str] = run_field()  # bench.testing.fills family used by profile.weights=golden
+    official: Dict[str, Any] = run_field(factory=dict)  # how bench.official runs the official code (script, config)
 
 
 @dataclass
@@ -119,6 +120,9 @@ class ProfileConfig:
     channels_last: bool = False              # NHWC convolution weights
     compile_freezing: bool = True            # inductor freezing with compile (weights as constants)
     targets: Dict[str, Any] = run_field(factory=dict)   # {model: {fp32_model: 1.15, bf16_agreement: 0.99, ...}}
+    background_load: int = if_set_field(0)   # CPU-bound processes kept running while timing (a busy machine)
+    official: bool = if_set_field(False)     # time the official code beside ours (bench.official), interleaved
+    official_env: Optional[str] = run_field()   # its reference environment (null: $OVSEG_REFERENCE_ENV)
 
 
 # ---------------------------------------------------------------------------------------------------- the cell
@@ -235,7 +239,8 @@ DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 CHOICES = {"profile.weights": ("init", "golden"), "profile.allocator": ("default", "heap")}
 MINIMUM = {"resolution": 32, "batch_size": 1, "max_images": 1, "threads": 1, "compare_fp32_images": 0, "repeat": 0,
            "profile.crop_batch": 1, "profile.iters": 1, "profile.warmup": 0, "profile.crop_count": 0,
-           "profile.throughput_batch": 1, "profile.peak_size": 16}
+           "profile.throughput_batch": 1, "profile.peak_size": 16,
+           "profile.background_load": 0}
 
 
 def check_values(cfg: DictConfig) -> None:

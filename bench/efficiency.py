@@ -5,6 +5,7 @@ precision, device, threads, profile settings, library versions) so a sweep profi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -68,12 +69,21 @@ def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[di
             model.encode_vocabulary(names)
         figures["text_encode_s"] = time.perf_counter() - t0   # may come from the on-disk text cache
         image = benchmark_image(p.image, short_side(cfg))
-        measured, timings = prof.profile_model(
-            model, short_side(cfg), device, cfg.precision, warmup, iters, int(p.crop_batch), cfg.compile,
-            p.throughput_batch, bool(p.interleave_peak), int(p.peak_size), image, bool(p.compile_freezing),
-            progress=f"{cfg.model.name} {cfg.precision}" if cfg.progress else None,
-            budget_s=prof.cpu_latency_budget(device, p.iters))
-        figures.update(measured, profile_vocabulary_size=len(names), cpu_flags=" ".join(cpu_flags()))
+        with contextlib.ExitStack() as stack:
+            official = official_timer(cfg, device, image, names, figures)
+            if official is not None:          # built and warmed up before any background load starts
+                stack.enter_context(official).warm_up(warmup)
+            stack.enter_context(prof.background_load(int(p.background_load)))
+            measured, timings = prof.profile_model(
+                model, short_side(cfg), device, cfg.precision, warmup, iters, int(p.crop_batch), cfg.compile,
+                p.throughput_batch, bool(p.interleave_peak), int(p.peak_size), image, bool(p.compile_freezing),
+                progress=f"{cfg.model.name} {cfg.precision}" if cfg.progress else None,
+                budget_s=prof.cpu_latency_budget(device, p.iters), beside=official and official.call)
+            if official is not None:
+                figures.update(official.figures(timings["end_to_end"]))
+                timings["official_end_to_end"] = list(official.times)
+        figures.update(measured, profile_vocabulary_size=len(names), cpu_flags=" ".join(cpu_flags()),
+                       background_load_procs=int(p.background_load))
         figures["gflops_model_at_k"] = model_flops_at_k(model, image, standard_vocabulary_sizes() | {len(names)},
                                                         call_ms=measured.get("latency_ms_model_median"))
         if figures.get("has_crops") or p.agreement:
@@ -82,6 +92,25 @@ def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[di
             figures["gap_table_text"] = gap_table_text(cfg, model, image, figures)
     records.atomic_write_json(profile_cache_path(cfg, device), {"figures": figures, "timings": timings})
     return figures, timings
+
+
+def official_timer(cfg: DictConfig, device: torch.device, image: np.ndarray, names: list[str], figures: dict):
+    """The official code's timing server for this cell (bench.official), or None with `official_skipped` in
+    `figures` saying why (profile.official=false: neither)."""
+    if not cfg.profile.official:
+        return None
+    from bench import official
+
+    block = cfg.model.get("official")
+    spec = OmegaConf.to_container(block, resolve=True) if block else {}
+    env = official.reference_env(cfg.profile.official_env)
+    reason = official.skip_reason(spec, env, cfg.precision) or (
+        None if device.type == "cpu" else f"device {device}: the official code is timed on the CPU only")
+    if reason:
+        figures["official_skipped"] = reason
+        print(f"[official] skipped: {reason}", flush=True)
+        return None
+    return official.OfficialTimer(spec, env, cfg.precision, torch.get_num_threads(), image, names)
 
 
 def standard_vocabulary_sizes() -> set[int]:

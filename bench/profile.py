@@ -107,11 +107,13 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int, probe: PeakProbe | None = None,
-          desc: str | None = None, budget_s: float | None = None) -> tuple[list[float], list[float]]:
+          desc: str | None = None, budget_s: float | None = None,
+          beside: Callable[[], object] | None = None) -> tuple[list[float], list[float]]:
     """The one timing loop: (ms per iteration after `warmup` untimed calls, GFLOP/s of the peak probe run just
     before each iteration, or [] without a probe). `desc` shows a progress bar over warm-up + timed calls. With
     `budget_s`, timing stops early once the timed iterations add up to it (at least one is timed): a 60-second
-    CPU forward is timed once or twice, not `iters` times; the record states the count."""
+    CPU forward is timed once or twice, not `iters` times; the record states the count. `beside` runs after each
+    timed iteration, outside its time (the official code's call, timed by itself: interleaved, never at once)."""
     bar = tqdm(total=warmup + iters, desc=desc, unit="it", leave=False, disable=desc is None)
     times, peaks = [], []
     with torch.inference_mode():
@@ -123,6 +125,8 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
             if probe is not None:
                 peaks.append(probe.gflops())
             times.append(_time_once(fn, device))
+            if beside is not None:
+                beside()
             bar.update()
             if budget_s is not None and sum(times) >= 1e3 * budget_s:
                 break
@@ -311,12 +315,13 @@ def profile_model(model, resolution: int, device: torch.device, precision: str, 
                   crop_batch: int = 8, compile_mode: str = "eager", throughput_batch: int | None = None,
                   interleave_peak: bool = False, peak_size: int = 2048, image: np.ndarray | None = None,
                   freezing: bool = True, progress: str | None = None,
-                  budget_s: float | None = None) -> tuple[dict, dict]:
+                  budget_s: float | None = None, beside: Callable[[], object] | None = None) -> tuple[dict, dict]:
     """Returns (flat figures for the record, per-iteration timings by scope).
 
     FLOPs are counted on the eager model, in the published order and as timed; with a `compile_mode` other than
     eager the timed scopes call the compiled module (compile time reported apart). Figures are per scope of the
-    fixed part; `with_crop_count` and `add_floor` finish them once the crop count is known."""
+    fixed part; `with_crop_count` and `add_floor` finish them once the crop count is known. `beside` runs after
+    each timed end_to_end iteration (bench.official: the official code's call, interleaved with ours)."""
     image = deterministic_image(resolution) if image is None else image
     out: dict = {"profile_resolution": resolution, "threads": torch.get_num_threads(), "latency_warmup": warmup,
                  "latency_iters": iters, "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
@@ -338,7 +343,8 @@ def profile_model(model, resolution: int, device: torch.device, precision: str, 
             w = _warmup_of(scope, warmup, times, budget_s)
             out[f"latency_warmup_{scope}"] = w
             times[scope], peaks[scope] = timed(fn, device, w, iters, probe,
-                                               desc=f"{progress} {scope}" if progress else None, budget_s=budget_s)
+                                               desc=f"{progress} {scope}" if progress else None, budget_s=budget_s,
+                                               beside=beside if scope == "end_to_end" else None)
             probes += peaks[scope]
         out["latency_iters"] = min(len(t) for t in times.values())   # fewer than asked when the budget ran out
         out["latency_budget_s"] = budget_s
@@ -434,6 +440,28 @@ def add_floor(figures: dict, peak_gflops: float) -> dict:
             out[f"latency_over_floor_best_{scope}"] = out[f"latency_ms_{scope}_min"] / (
                 gflops / out["peak_gflops_best"] * 1e3)
     return out
+
+
+# A CPU-bound loop that ends by itself when its parent is gone (a cell killed with -9 leaves no busy process).
+_BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    sum(range(20000))\n"
+
+
+@contextlib.contextmanager
+def background_load(n: int):
+    """`n` CPU-bound processes (pure-Python loops) running for the duration of the block, stopped after it: the
+    busy machine of `profile.background_load`, where threads are preempted. Yields their pids."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdin=subprocess.DEVNULL) for _ in range(n)]
+    try:
+        time.sleep(0.5 if procs else 0.0)   # let them start before timing begins
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 def set_threads(threads: int | None) -> None:

@@ -6,7 +6,8 @@ reduced precision's labels stay from fp32's, and the op-category table written b
 Record fields read (per scope s in model, end_to_end): gflops_{s}, gflops_timed_{s}, latency_ms_{s}_median / _p90,
 latency_{s}_cv, floor_ms_{s}, latency_over_floor_{s}, latency_over_floor_interleaved_{s},
 latency_over_floor_best_{s}, speed_target_{s}; per record: peak_gflops, peak_kind, peak_gflops_interleaved,
-peak_drift, load1, threads, compile, the agreement fields, speed_target_agreement and gap_table.
+peak_drift, load1, threads, compile, the agreement fields, speed_target_agreement and gap_table; where measured,
+background_load_procs, official_ms, ours_over_official and official_skipped (bench.official).
 """
 from __future__ import annotations
 
@@ -126,7 +127,16 @@ def record_rows(page: Page, df: pd.DataFrame) -> list[dict]:
             "agreement target": _target(r.get("speed_target_agreement"), num(r.get("label_agreement")),
                                         at_least=True, pct=True),
             "ops": f"[{gap}](runs/{gap})" if gap else "–",
+            "background procs": fmt_int(r.get("background_load_procs")) if num(r.get("background_load_procs"))
+            else "–",
+            "official e2e ms": fmt(r.get("official_ms"), 1) if num(r.get("official_ms")) is not None
+            else ("skipped" if as_str(r.get("official_skipped")) else "–"),
+            "ours / official": _ratio(r.get("ours_over_official")),
         })
+    for col in ("background procs", "official e2e ms", "ours / official"):   # only where some record has them
+        if all(row[col] == "–" for row in rows):
+            for row in rows:
+                del row[col]
     return rows
 
 
