@@ -115,6 +115,7 @@ class ProfileConfig:
     peak_size: int = 2048                    # matmul peak probe: n x n operands
     agreement: bool = False                  # reduced precision: label agreement with fp32 on the benchmark image
     agreement_margin: float = 1.0e-3         # ... on pixels whose fp32 top-2 margin >= this x the max |score|
+    agreement_fill: str = if_set_field("weights")   # weights of the agreement check: as timed | label_check
     gap_table: bool = False                  # op-category time table (torch.profiler) beside the record
     allocator: str = "default"               # default | heap (glibc keeps freed memory: no page faults)
     channels_last: bool = False              # NHWC convolution weights
@@ -236,7 +237,8 @@ def _known_keys() -> set[str]:
 
 # ---------------------------------------------------------------------------------------------------- values
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
-CHOICES = {"profile.weights": ("init", "golden"), "profile.allocator": ("default", "heap")}
+CHOICES = {"profile.weights": ("init", "golden"), "profile.allocator": ("default", "heap"),
+           "profile.agreement_fill": ("weights", "label_check")}
 MINIMUM = {"resolution": 32, "batch_size": 1, "max_images": 1, "threads": 1, "compare_fp32_images": 0, "repeat": 0,
            "profile.crop_batch": 1, "profile.iters": 1, "profile.warmup": 0, "profile.crop_count": 0,
            "profile.throughput_batch": 1, "profile.peak_size": 16,

@@ -203,13 +203,17 @@ def benchmark_image(path: str | None, resolution: int) -> np.ndarray:
     return image
 
 
-def profile_weights(cfg: DictConfig, model) -> str:
+def profile_weights(cfg: DictConfig, model, label_check: bool = False) -> str:
     """The weights profiling runs on: the seeded builder init, or the model's golden fill (non-flat scores, as in
-    the golden fixtures: label agreement and crop counts then mean something)."""
-    if cfg.profile.weights != "golden":
-        return "builder init (seeded random)"
+    the golden fixtures: label agreement and crop counts then mean something). `label_check`: the weights of the
+    agreement check under `profile.agreement_fill=label_check` (bench.testing.fills: a fill variant whose fp32
+    label map has many classes; the scaled fill for a family without one)."""
     from bench.testing import fills
 
+    if label_check:
+        return fills.fill_model(model, cfg.model.get("golden_fill"), label_check=True)
+    if cfg.profile.weights != "golden":
+        return "builder init (seeded random)"
     return fills.fill_model(model, cfg.model.get("golden_fill"))
 
 
@@ -219,15 +223,21 @@ def benchmark_image_figures(cfg: DictConfig, model, device: torch.device, image:
     label agreement with the same model in fp32 (the cell's own dataset settings, same weights). The crop count
     alone needs only the fixed part: the full forward (all crops) runs when there is an agreement to judge."""
     judged = cfg.profile.agreement and precision_mod.is_reduced(cfg.precision)
+    label_check = judged and cfg.profile.agreement_fill == "label_check" and bool(cfg.model.get("golden_fill"))
     with prof.precision_context(cfg.precision, device):
         if not judged:
             return {"crops_on_benchmark_image": prof.crop_count(model, image)}
+        out: dict = {"crops_on_benchmark_image": prof.crop_count(model, image)} if label_check else {}
+        if label_check:   # the check's own weights; the timed weights are put back below
+            out["agreement_weights"] = profile_weights(cfg, model, label_check=True)
+            with torch.inference_mode():
+                model.encode_vocabulary(names)
         scores, crops, masks = prof.full_scores(model, image)
-    out: dict = {"crops_on_benchmark_image": crops}
+    out.setdefault("crops_on_benchmark_image", crops)
     from bench.cell import build_model, dataset_settings
 
     reference = build_model(cfg, device, dtype=torch.float32)
-    profile_weights(cfg, reference)
+    profile_weights(cfg, reference, label_check=label_check)
     reference.configure(**dataset_settings(cfg))
     with torch.inference_mode():
         reference.encode_vocabulary(names)
@@ -239,6 +249,10 @@ def benchmark_image_figures(cfg: DictConfig, model, device: torch.device, image:
     if masks is not None and ref_masks is not None and masks.shape == ref_masks.shape:
         m = prof.label_agreement(ref_masks, masks, margin)
         out.update(mask_agreement=m["label_agreement"], mask_margin_pixel_fraction=m["margin_pixel_fraction"])
+    if label_check:
+        profile_weights(cfg, model)
+        with torch.inference_mode():
+            model.encode_vocabulary(names)
     return out
 
 

@@ -39,6 +39,7 @@ def speed_sweep(tmp_path_factory):
     (tmp / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     cmd = [sys.executable, "-m", "bench", "-m", "+sweep=cpu_speed", SEARCHPATH, "model=san_tiny", "precision=fp32,bf16",
            "resolution=64", "profile.warmup=0", "profile.iters=2", "profile.peak_size=256", "profile.weights=init",
+           "model.golden_fill=san",   # the agreement check takes SAN's label-check fill (timing: builder init)
            "profile.allocator=default", f"profile.vocabulary={tmp / 'vocab.txt'}",
            "+profile.targets.san_tiny={fp32_model: 1e-6, fp32_end_to_end: 1e-6, bf16_end_to_end: 1e-6, "
            "bf16_agreement: 0.99}", f"results_dir={tmp / 'results'}", f"data_root={tmp / 'data'}",
@@ -76,6 +77,8 @@ def test_speed_cells_are_ordinary_records(speed_sweep):
         assert len(timings["model"]) == 2
     bf16 = recs["bf16"]
     assert 0 <= bf16["label_agreement"] <= 1 and bf16["fp32_labels_distinct"] >= 1
+    assert bf16["agreement_weights"].startswith("label_check fill (san")
+    assert bf16["profile_weights"] == "builder init (seeded random)"
     assert 0 <= bf16["mask_agreement"] <= 1 and bf16["max_abs_score_diff"] >= 0
     assert "label_agreement" not in recs["fp32"]
     assert recs["fp32"]["speed_target_model"] == 1e-6 and recs["bf16"]["speed_target_agreement"] == 0.99
@@ -258,3 +261,25 @@ def test_benchmark_fill_is_the_fixture_fill(builder, family, fixture, scaled):
     assert note.startswith("golden_scaled" if scaled else "golden fill") and set(params) <= set(ref)
     for key, p in params.items():
         assert torch.equal(p.detach(), ref[key]), key
+
+
+def test_label_check_fill_changes_only_its_keys():
+    """SAN's label-check variant is the scaled fill with SAN_LABEL_CHECK_RULES on top: the recognition head's and
+    the text transformer's matrices at 3 / sqrt(fan_in), the attention-bias scale 50, the last pixel-MLP layer at
+    100 / sqrt(fan_in); every other tensor is the scaled fill's (tiny SAN: same key names as SAN-B)."""
+    from bench.models import create_model
+    from bench.testing import fills
+
+    scaled, check = create_model("san_vit_b_16", **TINY), create_model("san_vit_b_16", **TINY)
+    fills.fill_model(scaled, "san")
+    assert fills.fill_model(check, "san", label_check=True).startswith("label_check fill (san")
+    a, b = dict(scaled.named_parameters()), dict(check.named_parameters())
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    rec = {k for k in a if k.startswith("clip_rec_head.resblocks.") and a[k].dim() >= 2}
+    text = {k for k in a if k.startswith("ov_classifier.transformer.") and a[k].dim() >= 2}
+    bias, pix = ("side_adapter_network.mask_decoder.bias_scaling.weight",
+                 "side_adapter_network.mask_decoder.pix_mlp.layers.2.weight")
+    assert rec and text and changed == rec | text | {bias, pix}
+    assert float(b[bias]) == 50.0
+    w = b[pix].detach()
+    assert torch.allclose(w, fills._draw(pix, w.shape) * 100.0 / math.sqrt(math.prod(w.shape[1:])))

@@ -9,6 +9,7 @@ to them). Every parameter is a crc32(key)-seeded `torch.randn` draw r, then (pla
 for norm weights; the scaled fills override some keys, per family, as each fixture's README says:
 
     san     side_adapter_network.mask_decoder.*.weight -> r / sqrt(fan_in); ov_classifier.logit_scale += log(100)
+            (+ SAN_LABEL_CHECK_RULES: the label-check variant, no fixture)
     simseg  the rule is named per key in the manifest (`fill` / `scaled_fill`)
     scan    SCAN_SCALED_RULES below, first match wins, never on norm weights
     catseg  no scaled variant (the plain fill is used for both)
@@ -64,11 +65,29 @@ def causal_mask(n: int = 77) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------- SAN
-def san_state_dict(manifest_path: str | os.PathLike, scaled: bool = False) -> StateDict:
-    """SAN (san_vit_b_16 / san_vit_large_14 fixtures): golden.npz, or golden_scaled.npz with `scaled`."""
+# The label-check variant of the scaled SAN fill (no fixture: the weights of the bf16 label-agreement check,
+# `profile.agreement_fill=label_check`). Under golden_scaled every query's embedding is nearly the CLS token (the
+# recognition head's 0.02 weights add little to it), the text features of all names nearly one vector, the
+# attention bias nearly flat and the masks soft, so one class wins every pixel and a label check cannot fail.
+# These overrides (first match wins; the same crc32-seeded draws r) give SAN-B's benchmark image (640², seeded
+# noise, ADE-150) 14 distinct fp32 labels: queries that differ, names that differ, sharp attention, sharp masks.
+SAN_LABEL_CHECK_RULES: list[tuple[Callable[[str, list], bool], Callable[[torch.Tensor], torch.Tensor]]] = [
+    (lambda k, s: k.startswith(("clip_rec_head.resblocks.", "ov_classifier.transformer.")) and len(s) >= 2,
+     lambda r: _fan_in(r, 3.0)),
+    (lambda k, s: k == "side_adapter_network.mask_decoder.bias_scaling.weight", lambda r: torch.full_like(r, 50.0)),
+    (lambda k, s: k == "side_adapter_network.mask_decoder.pix_mlp.layers.2.weight", lambda r: _fan_in(r, 100.0)),
+]
+
+
+def san_state_dict(manifest_path: str | os.PathLike, scaled: bool = False, label_check: bool = False) -> StateDict:
+    """SAN (san_vit_b_16 / san_vit_large_14 fixtures): golden.npz, or golden_scaled.npz with `scaled`; with
+    `label_check` the scaled fill with SAN_LABEL_CHECK_RULES on top (no fixture)."""
 
     def param(key: str, shape: list, entry: dict) -> torch.Tensor:
         r = _draw(key, shape)
+        rule = next((f for match, f in SAN_LABEL_CHECK_RULES if match(key, shape)), None) if label_check else None
+        if rule is not None:
+            return rule(r)
         if scaled and key.startswith("side_adapter_network.mask_decoder.") and key.endswith(".weight"):
             return _fan_in(r)
         t = _plain(r, _norm_weight(entry))
@@ -197,11 +216,15 @@ def golden_state_dict(family: str, manifest_path: str | os.PathLike, scaled: boo
     return FILLS[family](manifest_path, scaled=scaled)
 
 
-def fill_model(model: torch.nn.Module, family: str | None, scaled: bool = True) -> str:
+LABEL_CHECK_FILLS = {"san"}   # families with a label-check variant (the others use their scaled fill for it)
+
+
+def fill_model(model: torch.nn.Module, family: str | None, scaled: bool = True, label_check: bool = False) -> str:
     """Overwrite `model`'s parameters with `family`'s fill (the benchmark weights of `profile.weights=golden`:
     non-flat scores, so label agreement and crop counts mean something) and keep its buffers, as the fixtures
     do. Without a fixture manifest, a weight counts as a norm weight (filled 1 + randn*0.02) when its module's
-    class name contains "Norm". Returns what the record says about the weights."""
+    class name contains "Norm". `label_check`: the family's label-check variant where it has one (SAN), else
+    its scaled fill. Returns what the record says about the weights."""
     import tempfile
 
     from bench import BenchError
@@ -217,9 +240,12 @@ def fill_model(model: torch.nn.Module, family: str | None, scaled: bool = True) 
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump({"keys": keys, "kept_buffers": {}}, f)
         f.flush()
-        state = golden_state_dict(family, f.name, scaled=scaled)
+        variant = label_check and family in LABEL_CHECK_FILLS
+        state = san_state_dict(f.name, True, label_check=True) if variant else \
+            golden_state_dict(family, f.name, scaled=scaled or label_check)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) & set(state):
         raise BenchError(f"golden fill {family!r} does not fit {type(model).__name__}")
     exact = "" if family == "san" else ", approximate: its fixture fills some keys by fan-in"
-    return f"{'golden_scaled' if scaled else 'golden'} fill ({family}; norm weights by module type{exact})"
+    name = "label_check" if variant else "golden_scaled" if scaled or label_check else "golden"
+    return f"{name} fill ({family}; norm weights by module type{exact})"
