@@ -70,9 +70,7 @@ def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[di
         figures["text_encode_s"] = time.perf_counter() - t0   # may come from the on-disk text cache
         image = benchmark_image(p.image, short_side(cfg))
         with contextlib.ExitStack() as stack:
-            official = official_timer(cfg, device, image, names, figures)
-            if official is not None:          # built and warmed up before any background load starts
-                stack.enter_context(official).warm_up(warmup)
+            official = start_official(stack, official_timer(cfg, device, image, names, figures), warmup, figures)
             stack.enter_context(prof.background_load(int(p.background_load)))
             measured, timings = prof.profile_model(
                 model, short_side(cfg), device, cfg.precision, warmup, iters, int(p.crop_batch), cfg.compile,
@@ -111,6 +109,20 @@ def official_timer(cfg: DictConfig, device: torch.device, image: np.ndarray, nam
         print(f"[official] skipped: {reason}", flush=True)
         return None
     return official.OfficialTimer(spec, env, cfg.precision, torch.get_num_threads(), image, names)
+
+
+def start_official(stack: contextlib.ExitStack, timer, warmup: int, figures: dict):
+    """Start and warm up the official timing server (before any background load starts): the timer, or None with
+    `official_skipped` saying why when its build fails (the cell's own figures still count)."""
+    if timer is None:
+        return None
+    try:
+        stack.enter_context(timer).warm_up(warmup)
+    except BenchError as e:
+        figures["official_skipped"] = str(e)
+        print(f"[official] skipped: {e}", flush=True)
+        return None
+    return timer
 
 
 def standard_vocabulary_sizes() -> set[int]:

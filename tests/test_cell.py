@@ -135,7 +135,8 @@ def test_sweep_with_a_failing_cell_finishes_then_exits_nonzero(tmp_path, tiny_we
     os.symlink(tiny_weights / "san_tiny.pth", weights / "san_tiny.pth")
     (weights / "san_vit_large_14.pth").write_bytes(b"not a checkpoint")
     out = _cli("-m", f"hydra.searchpath=[file://{ROOT / 'tests' / 'fixtures' / 'conf'}]", "model=san_l,san_tiny",
-               *FAST, f"results_dir={tmp_path / 'results'}", f"data_root={tmp_path / 'd'}", f"weights_dir={weights}",
+               *FAST, "profile.enabled=false", f"results_dir={tmp_path / 'results'}", f"data_root={tmp_path / 'd'}",
+               f"weights_dir={weights}",
                f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert out.returncode == 1, out.stdout + out.stderr
     recs = {r["model"]: r for r in load_records(str(tmp_path / "results"))}

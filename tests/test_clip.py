@@ -103,3 +103,14 @@ def test_text_feature_cache_hits_and_keys_on_weights(tmp_path):
     finally:
         text_cache.set_cache_dir(None)
     assert len([p for p in tmp_path.iterdir() if p.suffix == ".pt"]) == 3
+
+
+def test_tokenize_is_open_clips_tokenizer():
+    """bench.models.clip.tokenize loads open_clip's tokenizer file alone (no model zoo imports): the same tokens as
+    open_clip.tokenize, for synonym lists, punctuation, non-ASCII names and a name longer than the context."""
+    import open_clip
+
+    names = ["a photo of a cat.", "road, route", "chest of drawers, chest, bureau, dresser", "café", "straße",
+             "an " + "extremely long " * 40 + "name", "  spaced   out  ", "CRT screen", "traffic-light"]
+    for context in (77, 16):
+        assert torch.equal(tokenize(names, context_length=context), open_clip.tokenize(names, context_length=context))

@@ -301,8 +301,8 @@ def test_killed_cell_leaves_no_partial_record(tmp_path):
     kill a loop that does nothing but atomic record writes (~1.5 MB each), so the kills land mid-write: every record
     file is complete (only dot-temp files may be left, which load_records ignores)."""
     rng = random.Random(7)
-    overrides = [*TINY, "synthesize_weights=true", "isolate=false", "resolution=32",
-                 f"results_dir={tmp_path / 'results'}", f"data_root={tmp_path / 'data'}"]
+    overrides = [*TINY, "synthesize_weights=true", "isolate=false", "resolution=32", "profile.enabled=false",
+                 f"results_dir={tmp_path / 'results'}", f"data_root={tmp_path / 'data'}"]   # no FLOPs: not under test
     for trial in range(3):
         log = tmp_path / f"cells{trial}.log"
         proc = _python(_CELL_LOOP, str(CONF), json.dumps(overrides), log=log)
@@ -356,8 +356,8 @@ def test_killed_isolated_cell_becomes_an_error_record_then_reruns(tmp_path):
     (0.2-1.5 s after it appears; it needs longer than that to import torch and run the cell). The parent writes an
     error record naming the exit code (never a result: no mIoU), rebuilds the leaderboard, exits non-zero; the same
     command run again recomputes that cell to ok."""
-    args = [*TINY, "synthesize_weights=true", "resolution=32", f"results_dir={tmp_path / 'results'}",
-            f"data_root={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [*TINY, "synthesize_weights=true", "resolution=32", "profile.enabled=false",
+            f"results_dir={tmp_path / 'results'}", f"data_root={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"]
     log = tmp_path / "run.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(bench_cmd(*args), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=_env(),
@@ -434,7 +434,7 @@ def test_failing_cell_in_the_middle_of_a_sweep(tmp_path, tiny_weights):
     shutil.copy(tiny_weights / "san_tiny.pth", weights / "san_tiny.pth")
     _truncate(tiny_weights / "san_tiny.pth", weights / "broken.pth")
     results = tmp_path / "results"
-    out = cli("-m", *TINY, "isolate=false", "resolution=32", "max_images=3,4",
+    out = cli("-m", *TINY, "isolate=false", "resolution=32", "max_images=3,4", "profile.enabled=false",
               "model.checkpoint.file=san_tiny.pth,broken.pth", f"weights_dir={weights}", f"results_dir={results}",
               f"data_root={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert out.returncode == 1, out.stdout + out.stderr

@@ -124,8 +124,8 @@ def _state(pid: int) -> str:
 
 def test_cell_records_official_figures_or_why_not(tmp_path, tiny_weights):
     """A speed cell of the tiny SAN with profile.official=true: with a reference environment (the matmul server)
-    the record has official_ms and ours_over_official and the timings file the official calls; without one it is
-    still ok and says why (official_skipped)."""
+    the record has official_ms and ours_over_official and the timings file the official calls; without one, or
+    with a server whose build fails, it is still ok and says why (official_skipped)."""
     from hydra import compose, initialize_config_dir
 
     import bench.config  # noqa: F401
@@ -150,6 +150,10 @@ def test_cell_records_official_figures_or_why_not(tmp_path, tiny_weights):
     skipped = run_cell(cfg("profile.official_env=null", "profile.iters=1"))
     assert skipped["status"] == "ok" and "official_ms" not in skipped
     assert "no `official` block" in skipped["official_skipped"]
+    broken = run_cell(cfg(f"+model.official={{script: {SERVER}, config: fail, source: test}}", "profile.iters=2",
+                          f"profile.official_env={tmp_path / 'ref'}"))   # a server whose build fails
+    assert broken["status"] == "ok" and "official_ms" not in broken
+    assert "stopped: building the model failed" in broken["official_skipped"]
 
 
 @pytest.mark.skipif(not official.reference_env(None) or official.skip_reason(SAN_SPEC, official.reference_env(None),

@@ -14,11 +14,16 @@ FLOP counting: on CPU `torch.utils.flop_counter` sees SDPA as 0 FLOPs unless the
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bench import BenchError
 
 # OpenAI CLIP pixel statistics (0..1 scale): open_clip constants OPENAI_DATASET_MEAN / STD; the same values in
 # zsseg.baseline @ d77c3af mask_former/modeling/clip_adapter/utils.py L9-10 and SCAN's clip_adapter.
@@ -235,9 +240,23 @@ class CLIPModel(TextTransformer):
 
 def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
     """open_clip's SimpleTokenizer (the OpenAI BPE, shipped in the wheel): [N, context_length] int64."""
-    import open_clip
+    return _open_clip_tokenizer().tokenize(texts, context_length=context_length)
 
-    return open_clip.tokenize(texts, context_length=context_length)
+
+@functools.cache
+def _open_clip_tokenizer():
+    """open_clip's tokenizer module alone (open_clip/tokenizer.py: its imports are ftfy, regex, numpy and torch),
+    loaded from the installed package by path. `import open_clip` would also import its model zoo, timm and
+    torchvision: about 1.8 s of every process that encodes a vocabulary here, for a function that needs none of
+    them. The same file, the same tokens (tests/test_clip.py compares it with open_clip.tokenize)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise BenchError("open_clip_torch is not installed (its tokenizer encodes the class names): pip install -e .")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "tokenizer.py")
+    module_spec = importlib.util.spec_from_file_location("ovseg_bench_open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def encode_with_templates(text_tower: nn.Module, names: list[str], templates: list[str],
