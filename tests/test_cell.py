@@ -243,7 +243,7 @@ def test_bad_values_exit_2_in_one_line_without_a_record(tmp_path, bad, expected)
 
 
 def test_single_missing_cell_exits_3(tmp_path):
-    out = _cli("dataset=ade150", "profile.enabled=false", f"results_dir={tmp_path / 'r'}",
+    out = _cli(*TINY, "dataset=ade150", "profile.enabled=false", f"results_dir={tmp_path / 'r'}",
                f"weights_dir={tmp_path / 'w'}", f"data_root={tmp_path / 'd'}", "hydra.run.dir=" + str(tmp_path / "o"))
     assert out.returncode == 3, out.stderr[-500:]
     assert "[missing]" in out.stdout

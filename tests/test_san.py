@@ -42,8 +42,8 @@ def san(request):
 
 @pytest.fixture(scope="module")
 def golden_runs(san, tmp_path_factory):
-    """Run the golden input on both filled state dicts: the plain one loaded through load_checkpoint from a .pth
-    file ({'model': sd}), the scaled one strictly from memory (conftest.load_filled). Leaves the model with the
+    """Run the golden input on both filled state dicts: ViT-B/16's plain one loaded through load_checkpoint from a
+    .pth file ({'model': sd}), the others strictly from memory (conftest.load_filled). Leaves the model with the
     scaled weights and VOCAB encoded."""
     name, model = san
     manifest = GOLDEN / name / "manifest.json"
@@ -51,7 +51,8 @@ def golden_runs(san, tmp_path_factory):
     last = EXPECTED[name][2]
     runs = {}
     for kind, scaled in (("golden", False), ("golden_scaled", True)):
-        path = tmp_path_factory.mktemp("san") / f"{name}_{kind}.pth" if not scaled else None
+        # through a file: ViT-B/16's plain fill; from memory: the scaled fills and ViT-L's (a 1.2 GB save + read)
+        path = tmp_path_factory.mktemp("san") / f"{name}_{kind}.pth" if not scaled and name == "san_vit_b_16" else None
         report = load_filled(model, "san", manifest, scaled, path)
         with torch.inference_mode():
             text = model.encode_vocabulary(VOCAB)
@@ -100,7 +101,7 @@ def test_golden_arrays(san, golden_runs, kind):
     got, report, sem_shape = golden_runs[kind]
     ref = np.load(GOLDEN / name / f"{kind}.npz")
     assert sem_shape == (len(VOCAB), 640, 640)
-    assert report.note() == "" and (report.sha256 or kind == "golden_scaled")   # the scaled fill: from memory
+    assert report.note() == "" and bool(report.sha256) == (kind == "golden" and name == "san_vit_b_16")
     names = sorted(ref.files)
     assert set(names) == set(got)
     if kind == "golden":   # the plain bias is ~1e-9, below float noise: compared on the scaled fill only
