@@ -204,9 +204,28 @@ _SCHEMAS = {"CheckpointConfig": CheckpointConfig, "ModelConfig": ModelConfig, "D
             "ProfileConfig": ProfileConfig}
 
 
+# Settings that only reduced-precision cells read (the fp32 label-agreement check): out of an fp32 / tf32 cell's key,
+# so that setting them in a sweep of several precisions does not orphan that sweep's finished fp32 records.
+REDUCED_ONLY = ("agreement_fill",)
+
+
 def result_part(config: dict) -> dict:
     """The part of a resolved config (plain dict) that determines the result: what the record key hashes."""
-    return _result_fields(CellSettings, {k: v for k, v in config.items() if k not in RUN_KEYS and k != "hydra"})
+    out = _result_fields(CellSettings, {k: v for k, v in config.items() if k not in RUN_KEYS and k != "hydra"})
+    profile = out.get("profile")
+    if isinstance(profile, dict) and not _reduced(out.get("precision")):
+        out["profile"] = {k: v for k, v in profile.items() if k not in REDUCED_ONLY}
+    return out
+
+
+def _reduced(precision) -> bool:
+    from bench import BenchError
+    from bench import precision as precision_mod
+
+    try:
+        return precision_mod.is_reduced(str(precision))
+    except BenchError:   # an unknown name is refused when the config is checked; keep every field in its key
+        return True
 
 
 def plain(cfg: DictConfig) -> DictConfig:

@@ -83,3 +83,15 @@ def test_key_is_the_same_after_a_json_round_trip_of_int_keyed_mappings():
     old = hashlib.sha256(json.dumps(key_inputs(one), sort_keys=True, default=str,
                                     separators=(",", ":")).encode()).hexdigest()[:16]
     assert cell_key(one) == old
+
+
+def test_reduced_precision_settings_stay_out_of_fp32_keys():
+    """profile.agreement_fill is read by reduced-precision cells only: a sweep that sets it for fp32 and bf16 cells
+    alike keeps the fp32 cells' keys (their finished records are found, not recomputed); a bf16 cell's key moves."""
+    fp32, bf16 = {**CFG, "precision": "fp32"}, {**CFG, "precision": "bf16"}
+    for base in (fp32, bf16):
+        base["profile"] = {**base.get("profile", {}), "agreement": True}
+    label = lambda c: {**c, "profile": {**c["profile"], "agreement_fill": "label_check"}}   # noqa: E731
+    assert cell_key(label(fp32)) == cell_key(fp32)
+    assert cell_key(label(bf16)) != cell_key(bf16)
+    assert "agreement_fill" in key_inputs(label(bf16))["profile"]
