@@ -1,7 +1,7 @@
 """bench.official (the official code timed beside ours, interleaved) and profile.background_load (a busy machine).
 
 The timing server of the official SAN runs only inside the reference environment (detectron2 + the official tree,
-`../shared/golden/tools/setup_reference_env.sh`): its test runs when OVSEG_REFERENCE_ENV points at one and is
+`bench/official/reference_env/setup_reference_env.sh`): its test runs when OVSEG_REFERENCE_ENV points at one and is
 skipped with that reason otherwise (CI). Everything on our side of the protocol (starting the server, the ready
 line, one call per timed iteration, the figures, a server that dies, the skip reasons, the cell's record) runs
 here against tests/fixtures/official/matmul_server.py, a server with the same command line and protocol that

@@ -2,9 +2,10 @@
 server per cell, started in the reference environment, asked for one end-to-end call after each of our timed
 end_to_end iterations (interleaved: the two never run at once, and both see the machine of the same moment).
 
-The reference environment is the folder `../shared/golden/tools/setup_reference_env.sh WORKDIR` makes: WORKDIR/venv
-(torch, detectron2's and the official code's dependencies), WORKDIR/detectron2 and WORKDIR/official (source trees at
-the commits the model config names). `profile.official_env` (or the environment variable OVSEG_REFERENCE_ENV) points
+The reference environment is the folder `bench/official/reference_env/setup_reference_env.sh WORKDIR` makes (the
+script and the package freeze it installs are copies of the ones the golden fixtures were made with): WORKDIR/venv
+(torch, detectron2's and the official code's dependencies), WORKDIR/detectron2 and WORKDIR/official (source trees
+at the commits the model config names). `profile.official_env` (or the environment variable OVSEG_REFERENCE_ENV) points
 at it. The model config's `official` block says which server script runs the model (a file in this folder) and
 with which official config file; a model without one, a missing environment or an unsupported precision is
 skipped with the reason in the record (`official_skipped`), never an error: the cell's own figures still count.
@@ -26,8 +27,8 @@ ROOT = HERE.parent.parent
 ENV_VAR = "OVSEG_REFERENCE_ENV"
 # our precision -> how the official code runs (its own code has no pure-bf16 path: CPU autocast, as in the issue)
 PRECISIONS = {"fp32": "fp32", "bf16": "autocast_bf16", "amp_bf16": "autocast_bf16"}
-SETUP_HINT = ("make it with ../shared/golden/tools/setup_reference_env.sh WORKDIR (see the README, 'Official code "
-              "beside ours') and set profile.official_env=WORKDIR")
+SETUP_HINT = ("make it with bench/official/reference_env/setup_reference_env.sh WORKDIR (see the README, "
+              "'Official code beside ours') and set profile.official_env=WORKDIR")
 
 
 def reference_env(setting: str | None) -> Path | None:
