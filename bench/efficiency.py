@@ -70,7 +70,7 @@ def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[di
         figures["text_encode_s"] = time.perf_counter() - t0   # may come from the on-disk text cache
         image = benchmark_image(p.image, short_side(cfg))
         with contextlib.ExitStack() as stack:
-            official = start_official(stack, official_timer(cfg, device, image, names, figures), warmup, figures)
+            official = start_official(stack, cfg, device, image, names, warmup, figures)
             stack.enter_context(prof.background_load(int(p.background_load)))
             measured, timings = prof.profile_model(
                 model, short_side(cfg), device, cfg.precision, warmup, iters, int(p.crop_batch), cfg.compile,
@@ -92,9 +92,11 @@ def efficiency_figures(cfg: DictConfig, model, device: torch.device) -> tuple[di
     return figures, timings
 
 
-def official_timer(cfg: DictConfig, device: torch.device, image: np.ndarray, names: list[str], figures: dict):
-    """The official code's timing server for this cell (bench.official), or None with `official_skipped` in
-    `figures` saying why (profile.official=false: neither)."""
+def start_official(stack: contextlib.ExitStack, cfg: DictConfig, device: torch.device, image: np.ndarray,
+                   names: list[str], warmup: int, figures: dict):
+    """The official code's timing server for this cell (bench.official), started and warmed up on `stack` before
+    any background load starts; None with `official_skipped` in `figures` saying why when it cannot run or its
+    build fails (the cell's own figures still count); None and nothing said with profile.official=false."""
     if not cfg.profile.official:
         return None
     from bench import official
@@ -104,24 +106,16 @@ def official_timer(cfg: DictConfig, device: torch.device, image: np.ndarray, nam
     env = official.reference_env(cfg.profile.official_env)
     reason = official.skip_reason(spec, env, cfg.precision) or (
         None if device.type == "cpu" else f"device {device}: the official code is timed on the CPU only")
-    if reason:
+    timer = None
+    if reason is None:
+        timer = official.OfficialTimer(spec, env, cfg.precision, torch.get_num_threads(), image, names)
+        try:
+            stack.enter_context(timer).warm_up(warmup)
+        except BenchError as e:
+            timer, reason = None, str(e)
+    if reason is not None:
         figures["official_skipped"] = reason
         print(f"[official] skipped: {reason}", flush=True)
-        return None
-    return official.OfficialTimer(spec, env, cfg.precision, torch.get_num_threads(), image, names)
-
-
-def start_official(stack: contextlib.ExitStack, timer, warmup: int, figures: dict):
-    """Start and warm up the official timing server (before any background load starts): the timer, or None with
-    `official_skipped` saying why when its build fails (the cell's own figures still count)."""
-    if timer is None:
-        return None
-    try:
-        stack.enter_context(timer).warm_up(warmup)
-    except BenchError as e:
-        figures["official_skipped"] = str(e)
-        print(f"[official] skipped: {e}", flush=True)
-        return None
     return timer
 
 

@@ -54,11 +54,10 @@ class OfficialTimer:
     """A running timing server: `call()` times one official end-to-end call (ms, measured by the server around
     the call alone); `times` keeps them. Use as a context manager: the server is stopped on exit."""
 
-    def __init__(self, spec: dict, env: Path, precision: str, threads: int, image: np.ndarray, names: list[str],
-                 python: str | None = None):
+    def __init__(self, spec: dict, env: Path, precision: str, threads: int, image: np.ndarray, names: list[str]):
         self.spec, self.env, self.precision = spec, env, PRECISIONS[precision]
         self.threads, self.image, self.names = threads, image, names
-        self.python = python or str(env / "venv" / "bin" / "python")
+        self.python = str(env / "venv" / "bin" / "python")
         self.times: list[float] = []
         self.built = ""
         self._proc: subprocess.Popen | None = None
