@@ -66,7 +66,7 @@ def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype | None
         model.protocol.short_side = int(cfg.resolution)
         model.protocol.max_size = 4 * int(cfg.resolution)
     model.eval().requires_grad_(False)
-    return model.to(device=device, dtype=dtype or prof.model_dtype(cfg.precision))
+    return model.to_precision(device, dtype or prof.model_dtype(cfg.precision))
 
 
 def per_dataset(cfg: DictConfig, table: str):
@@ -292,7 +292,7 @@ def _run(cfg: DictConfig, rec: dict) -> dict:
         report = load_checkpoint(model, ckpt, tuple(ck.ignore_prefixes or ()), tuple(ck.optional_keys or ()),
                                  allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle),
                                  expected_size=ck.get("size"), expected_sha256=ck.get("sha256"))
-        model.to(device=device, dtype=prof.model_dtype(cfg.precision))
+        model.to_precision(device, prof.model_dtype(cfg.precision))
         rec.update(checkpoint=ckpt, checkpoint_sha256=report.sha256, ignored_keys=len(report.ignored_keys),
                    load_note=report.note())
     dataset = build_dataset(cfg.dataset, cfg.data_root)

@@ -265,8 +265,9 @@ def test_benchmark_fill_is_the_fixture_fill(builder, family, fixture, scaled):
 
 def test_label_check_fill_changes_only_its_keys():
     """SAN's label-check variant is the scaled fill with SAN_LABEL_CHECK_RULES on top: the recognition head's and
-    the text transformer's matrices at 3 / sqrt(fan_in), the attention-bias scale 50, the last pixel-MLP layer at
-    100 / sqrt(fan_in); every other tensor is the scaled fill's (tiny SAN: same key names as SAN-B)."""
+    the text transformer's matrices at 4 / sqrt(fan_in) except the head's query / key rows (the plain 0.02), the
+    attention-bias scale 8, the last pixel-MLP layer at 100 / sqrt(fan_in); every other tensor is the scaled
+    fill's (tiny SAN: same key names as SAN-B)."""
     from bench.models import create_model
     from bench.testing import fills
 
@@ -280,6 +281,41 @@ def test_label_check_fill_changes_only_its_keys():
     bias, pix = ("side_adapter_network.mask_decoder.bias_scaling.weight",
                  "side_adapter_network.mask_decoder.pix_mlp.layers.2.weight")
     assert rec and text and changed == rec | text | {bias, pix}
-    assert float(b[bias]) == 50.0
+    assert float(b[bias]) == 8.0
+    in_proj = next(k for k in rec if k.endswith("attn.in_proj_weight"))
+    w, r = b[in_proj].detach(), fills._draw(in_proj, b[in_proj].shape)
+    n = w.shape[0] // 3
+    assert torch.equal(w[:2 * n], r[:2 * n] * 0.02)
+    assert torch.allclose(w[2 * n:], r[2 * n:] * 4.0 / math.sqrt(w.shape[1]))
     w = b[pix].detach()
     assert torch.allclose(w, fills._draw(pix, w.shape) * 100.0 / math.sqrt(math.prod(w.shape[1:])))
+
+
+def test_reduced_precision_keeps_the_text_tower_and_class_logits_fp32():
+    """SAN in bf16 (`to_precision`, as a cell builds it): every tensor bf16 except the text tower (`fp32_modules`),
+    state_dict order unchanged; weights loaded afterwards keep every fp32 bit in the tower; the vocabulary's text
+    features and the class logits are fp32, also under CPU autocast."""
+    from bench.models import create_model
+    from bench.testing import fills
+
+    ref = create_model("san_vit_b_16", **TINY).eval()
+    fills.fill_model(ref, "san", label_check=True)
+    model = create_model("san_vit_b_16", **TINY).eval().to_precision(torch.device("cpu"), torch.bfloat16)
+    assert list(model.state_dict()) == list(ref.state_dict())
+    for key, t in model.state_dict().items():
+        if t.is_floating_point():
+            assert t.dtype == (torch.float32 if key.startswith("ov_classifier.") else torch.bfloat16), key
+    model.load_state_dict(ref.state_dict())
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in ref.state_dict().items() if k.startswith("ov_classifier."))
+    assert sd["clip_rec_head.proj"].dtype == torch.bfloat16
+    image = prof.deterministic_image(64)
+    with torch.inference_mode():
+        ref.encode_vocabulary(VOCAB)
+    for autocast in (True, False):   # the first encodes the vocabulary (under autocast), the second reads the cache
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model.encode_vocabulary(VOCAB)
+            x, sizes = model.preprocess([image])
+            out = model(x.bfloat16(), sizes)
+        assert model.text_embed.dtype == torch.float32 and torch.equal(model.text_embed, ref.text_embed)
+        assert out["mask_pred"].dtype == torch.bfloat16 and out["mask_logits"].dtype == torch.float32

@@ -59,12 +59,23 @@ def resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class OVSegModel(nn.Module):
     """Base class: protocol, pre-processing, and the vocabulary cache. Subclasses implement the rest."""
 
+    # Submodules kept in fp32 whatever the cell's precision (`to_precision`): parts outside the per-image path,
+    # such as a text tower that encodes each vocabulary once, whose output every pixel's class decision rests on.
+    fp32_modules: tuple[str, ...] = ()
+
     def __init__(self, protocol: Protocol | None = None):
         super().__init__()
         self.protocol = protocol or Protocol()
         self.register_buffer("pixel_mean", torch.tensor(self.protocol.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.protocol.pixel_std).view(3, 1, 1), persistent=False)
         self.vocabulary: list[str] | None = None
+
+    def to_precision(self, device: torch.device, dtype: torch.dtype) -> "OVSegModel":
+        """`self.to(device, dtype)`, except that the submodules named in `fp32_modules` stay fp32 (never rounded
+        through `dtype`, so weights loaded into them later keep every bit)."""
+        self.to(device=device)
+        _cast_except(self, dtype, set(self.fp32_modules))
+        return self
 
     # -- vocabulary -------------------------------------------------------------------------------------------
     def encode_vocabulary(self, class_names: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
@@ -115,6 +126,17 @@ class OVSegModel(nn.Module):
         x, sizes = self.preprocess(images)
         outputs = self(x, sizes)
         return self.postprocess(outputs, sizes, [im.shape[:2] for im in images])
+
+
+def _cast_except(module: nn.Module, dtype: torch.dtype, keep: set[str], prefix: str = "") -> None:
+    """Floating-point parameters and buffers of `module` to `dtype`, those under the dotted names in `keep` to
+    fp32; the module tree and its state_dict order stay as they are."""
+    if prefix in keep:
+        module.float()
+        return
+    for name, child in module.named_children():
+        _cast_except(child, dtype, keep, f"{prefix}.{name}" if prefix else name)
+    module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
 
 
 @contextlib.contextmanager

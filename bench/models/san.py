@@ -348,6 +348,11 @@ class OvClassifier(TextTransformer):
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------
+def _fp32(device: torch.device):
+    """Autocast off: what runs inside computes in the dtype of its tensors (fp32 here) in every precision."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _drop_classifier(model: SAN, incompatible_keys=None) -> None:
     model.text_embed = model.classifier = None
     model._text_cache.clear()
@@ -356,6 +361,10 @@ def _drop_classifier(model: SAN, incompatible_keys=None) -> None:
 class SAN(OVSegModel):
     # keys a checkpoint may lack (buffers whose module defaults are the published values); see checkpoint.py
     optional_checkpoint_keys = ("criterion.empty_weight", "ov_classifier.attn_mask")
+    # The text tower encodes each vocabulary once (cached) and stays fp32 in every precision; the class logits
+    # (mask embeddings x classifier, 100 x E x K+1 multiply-adds) are computed in fp32 too. Reduced precision
+    # covers the per-image path; the class decision of every pixel keeps fp32 text features and logits.
+    fp32_modules = ("ov_classifier",)
 
     def __init__(self, cfg: SANConfig = SAN_VIT_B_16, protocol: Protocol | None = None):
         super().__init__(protocol)
@@ -384,7 +393,8 @@ class SAN(OVSegModel):
         """
         new = list(dict.fromkeys(n for n in class_names if n not in self._text_cache))
         if new:
-            feats = encode_with_templates(self.ov_classifier, new, list(self.templates))
+            with _fp32(self.ov_classifier.text_projection.device):
+                feats = encode_with_templates(self.ov_classifier, new, list(self.templates))
             self._text_cache.update(zip(new, feats))
         device = self.ov_classifier.text_projection.device
         text = torch.stack([self._text_cache[n].to(device) for n in class_names])
@@ -399,8 +409,8 @@ class SAN(OVSegModel):
             if self.vocabulary is None:
                 raise BenchError("SAN: no vocabulary; call model.encode_vocabulary(class_names) before the forward")
             self.encode_vocabulary(self.vocabulary)
-        if self.classifier.device != like.device or self.classifier.dtype != like.dtype:
-            self.classifier = self.classifier.to(like)   # follow the model to its device / precision once
+        if self.classifier.device != like.device:
+            self.classifier = self.classifier.to(like.device)   # follow the model to its device once (stays fp32)
         return self.classifier
 
     def published_computation(self):
@@ -425,7 +435,8 @@ class SAN(OVSegModel):
         maps = {i: t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, *grid) for i, t in feats.items()}
         mask_pred, attn_bias = self.side_adapter_network(x, maps)
         mask_emb = self.clip_rec_head(feats[cfg.feature_last_layer], grid, attn_bias)
-        mask_logits = torch.einsum("bqc,nc->bqn", mask_emb, self._classifier(mask_emb))
+        with _fp32(x.device):
+            mask_logits = torch.einsum("bqc,nc->bqn", mask_emb.float(), self._classifier(mask_emb))
         out = {"mask_pred": mask_pred, "mask_logits": mask_logits, "padded_size": (x.shape[-2], x.shape[-1])}
         if return_intermediates:
             out.update(clip_features=maps, clip_cls={i: t[:, 0] for i, t in feats.items()}, attn_bias=attn_bias,

@@ -70,11 +70,29 @@ def causal_mask(n: int = 77) -> torch.Tensor:
 # recognition head's 0.02 weights add little to it), the text features of all names nearly one vector, the
 # attention bias nearly flat and the masks soft, so one class wins every pixel and a label check cannot fail.
 # These overrides (first match wins; the same crc32-seeded draws r) give SAN-B's benchmark image (640², seeded
-# noise, ADE-150) 14 distinct fp32 labels: queries that differ, names that differ, sharp attention, sharp masks.
+# noise, ADE-150) 11 distinct fp32 labels: the recognition head's values, output projections and MLPs at
+# 4/sqrt(fan_in) (queries that differ) with its query / key rows left at 0.02 (attention set by the bias, not by
+# the head's own logits), the text transformer at 4/sqrt(fan_in) (names that differ), the attention-bias scale 8
+# (bias within about +-90, under the -100 the official code uses for "masked") and the last pixel-MLP layer at
+# 100/sqrt(fan_in) (sharp masks). An earlier variant (the whole head at 3/sqrt(fan_in), bias scale 50, a bias
+# range of +-450) was chaotic: its fp32 query embeddings moved by 12-20 % under any bf16 rounding upstream, so a
+# bf16 run agreed on 56 % of the pixels whatever the bf16 path did.
+def _values_and_rest(gain: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A fused [3C, C] in_proj_weight: query and key rows at the plain 0.02, value rows at gain/sqrt(fan_in)."""
+    def rule(r: torch.Tensor) -> torch.Tensor:
+        out = r * 0.02
+        n = r.shape[0] // 3
+        out[2 * n:] = _fan_in(r[2 * n:], gain)
+        return out
+    return rule
+
+
 SAN_LABEL_CHECK_RULES: list[tuple[Callable[[str, list], bool], Callable[[torch.Tensor], torch.Tensor]]] = [
+    (lambda k, s: k.startswith("clip_rec_head.resblocks.") and k.endswith(".attn.in_proj_weight"),
+     _values_and_rest(4.0)),
     (lambda k, s: k.startswith(("clip_rec_head.resblocks.", "ov_classifier.transformer.")) and len(s) >= 2,
-     lambda r: _fan_in(r, 3.0)),
-    (lambda k, s: k == "side_adapter_network.mask_decoder.bias_scaling.weight", lambda r: torch.full_like(r, 50.0)),
+     lambda r: _fan_in(r, 4.0)),
+    (lambda k, s: k == "side_adapter_network.mask_decoder.bias_scaling.weight", lambda r: torch.full_like(r, 8.0)),
     (lambda k, s: k == "side_adapter_network.mask_decoder.pix_mlp.layers.2.weight", lambda r: _fan_in(r, 100.0)),
 ]
 
