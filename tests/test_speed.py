@@ -319,3 +319,27 @@ def test_reduced_precision_keeps_the_text_tower_and_class_logits_fp32():
             out = model(x.bfloat16(), sizes)
         assert model.text_embed.dtype == torch.float32 and torch.equal(model.text_embed, ref.text_embed)
         assert out["mask_pred"].dtype == torch.bfloat16 and out["mask_logits"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 300, 40), (2, 3, 77, 64)])   # row blocks per head / one batched product
+def test_bf16_gemm_attention_matches_sdpa_and_counts_the_same_flops(shape, monkeypatch):
+    """bf16 attention on the CPU runs as GEMMs (bench.models.attention): the same result as SDPA in fp32 within
+    bf16 rounding, in both code paths (the 300-token problem is forced through row blocks of 64 rows), the same
+    FLOPs as the SDPA formula; fp32 and masked calls stay SDPA, bit for bit."""
+    from bench.models import attention as attn
+
+    monkeypatch.setattr(attn, "FULL_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(attn, "BLOCK_ELEMENTS", 64 * shape[2])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    out = attn.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.float() - ref).abs().max() < 0.03 * ref.abs().max()
+    assert torch.equal(attn.attention(q, k, v), ref)
+    mask = torch.randn(shape[-2], shape[-2], generator=g)
+    assert torch.equal(attn.attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    from bench.flops import count_flops
+
+    assert count_flops(lambda: attn.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())) == \
+        count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 4 * math.prod(shape) * shape[-2]

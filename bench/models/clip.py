@@ -3,14 +3,15 @@
 The blocks reproduce the parameter names and shapes of open_clip's `ResidualAttentionBlock`,
 `VisionTransformer` and text tower (`attn.in_proj_weight`, `mlp.c_fc`, `ln_1`, `conv1`, `class_embedding`, ...),
 so the published SAN / SimSeg / SCAN checkpoints load strictly, but they run batch-first and route attention
-through `scaled_dot_product_attention` with an optional additive bias (SAN's attention bias, causal text mask).
+through `bench.models.attention.attention` (scaled_dot_product_attention, or bf16 GEMMs on the CPU) with an
+optional additive bias (SAN's attention bias, causal text mask).
 The tokenizer comes from open_clip (its BPE vocabulary ships inside the wheel; nothing is downloaded).
 
 Also here, once for every family: OpenAI CLIP's pixel statistics, the 14 "vild" prompt templates, the two-tower
 `CLIPModel` (text keys at the top level, image tower under `visual`) and the prompt-ensemble text classifier.
 
-FLOP counting: on CPU `torch.utils.flop_counter` sees SDPA as 0 FLOPs unless the math backend is forced;
-`bench.profile` forces it (and tests that attention is counted).
+FLOP counting: on CPU `torch.utils.flop_counter` sees SDPA as 0 FLOPs; `bench.flops` gives the CPU flash kernel
+a formula (and tests that attention is counted).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import BenchError
+from bench.models.attention import attention
 
 # OpenAI CLIP pixel statistics (0..1 scale): open_clip constants OPENAI_DATASET_MEAN / STD; the same values in
 # zsseg.baseline @ d77c3af mask_former/modeling/clip_adapter/utils.py L9-10 and SCAN's clip_adapter.
@@ -99,7 +101,7 @@ class MultiheadAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        out = attention(q, k, v, attn_bias)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.models.attention import attention
+
 
 class Mlp(nn.Module):
     """timm's `Mlp`: fc1 -> GELU (exact) -> fc2."""
@@ -33,7 +35,7 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """timm's ViT `Attention` (qkv, proj; no q/k norm), through scaled_dot_product_attention."""
+    """timm's ViT `Attention` (qkv, proj; no q/k norm), through `bench.models.attention.attention`."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -44,7 +46,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
 class Block(nn.Module):

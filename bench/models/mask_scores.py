@@ -43,7 +43,8 @@ def soft_mask_labels(mask: torch.Tensor, prob: torch.Tensor, padded: tuple[int, 
     """`soft_mask_scores(...).argmax(0)` [H0, W0] (int64) without the full-size tensors.
 
     The two bilinear resizes are separable: along x they run once on the small [Q, h', w'] logits (F.interpolate,
-    so the same weights), along y they are a few-tap linear map (`_row_weights`) applied per band of output rows;
+    so the same weights), along y they are a few-tap linear map (`_row_weights`) applied per band of output rows
+    (two taps: one `lerp` pass);
     then sigmoid -> [P, Q] @ [Q, K] -> argmax, all in cache. The class GEMM writes into a buffer whose rows are
     padded to a multiple of 16 (MKL is about twice as fast at that leading dimension than at K = 150); only the K
     real columns are computed and compared."""
@@ -57,14 +58,23 @@ def soft_mask_labels(mask: torch.Tensor, prob: torch.Tensor, padded: tuple[int, 
         band = ry[r:r + rows_per_band]                                      # [R, h']
         taps = band.abs().sum(0).nonzero().flatten()
         lo, hi = int(taps[0]), int(taps[-1]) + 1
-        m = torch.einsum("rt,twq->rwq", band[:, lo:hi], tx[lo:hi]) if hi - lo > 2 else \
-            band[:, lo, None, None] * tx[lo] + (band[:, lo + 1, None, None] * tx[lo + 1] if hi - lo == 2 else 0)
+        m = _blend_rows(band[:, lo:hi], tx[lo:hi])
         p = m.shape[0] * w0
         scores = buf[:p, :k]
         torch.mm(m.reshape(p, -1).sigmoid_(), prob, out=scores)
         # under autocast the product is bf16, whose argmax has no vectorised kernel: compare in fp32
         torch.argmax(scores.float(), dim=1, out=labels[r:r + rows_per_band].view(-1))
     return labels
+
+
+def _blend_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[R, T] tap weights x [T, W0, Q] source rows -> [R, W0, Q]. Two taps whose weights sum to 1 (bilinear rows)
+    are one `lerp` pass, a + w (b - a); more taps an einsum; one tap a scaling."""
+    if rows.shape[0] == 2 and bool(((weights.sum(1) - 1).abs() < 1e-6).all()):
+        return torch.lerp(rows[0], rows[1], weights[:, 1, None, None].to(rows))
+    if rows.shape[0] == 1:
+        return weights[:, 0, None, None] * rows[0]
+    return torch.einsum("rt,twq->rwq", weights, rows)
 
 
 def _resize_x(mask: torch.Tensor, padded_w: int, w: int, w0: int) -> torch.Tensor:
