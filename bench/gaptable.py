@@ -2,7 +2,8 @@
 attention FLOPs at the cell's measured peak (`gap_table`), written beside the record (`profile.gap_table=true`).
 
 Categories are exact aten op names plus a few prefixes; anything unlisted is "other ops", and the wall time the
-profiler did not attribute to an op is "Python overhead / untraced".
+profiler did not attribute to an op is "Python overhead / untraced". Attention that runs as GEMMs (bf16 on the CPU,
+`bench.models.attention`) counts its two products, time and FLOPs, as GEMM and its softmax as attention.
 """
 from __future__ import annotations
 

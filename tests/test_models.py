@@ -82,3 +82,12 @@ def test_model_shows_the_harness_surface(builder):
     measured = check_model(model, short_side=SHORT_SIDE, own_padding=builder in OWN_PADDING)
     if builder in SEES_BATCH_PADDING:
         assert measured["extra_padding"] > 1e-3
+    # the same model as a bf16 cell builds it (`to_precision`): one image end to end, finite scores of the right
+    # shape (text features are fp32, image features bf16: every class-logit product must take both)
+    model.to_precision(torch.device("cpu"), torch.bfloat16)
+    model.protocol.short_side = SHORT_SIDE
+    image = check_images()[0]
+    with torch.inference_mode():
+        model.encode_vocabulary(["a", "b", "c"])
+        scores = model.predict([image])[0]
+    assert scores.shape == (3, *image.shape[:2]) and bool(torch.isfinite(scores.float()).all())

@@ -254,6 +254,12 @@ class MaskFormerHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def class_logits(embed: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """100·cos(embedding, text rows) in fp32 whatever the model's precision: the text features are encoded once
+    in fp32 (encode_with_templates) and every class decision rests on them; Q x 512 x (K+1) multiply-adds."""
+    return TEMPERATURE * normalize(embed.float()) @ text.float().T
+
+
 # CLIP ViT-B/16 (OpenAI layout: text tower at the top level, image tower under `visual`) and the adapter
 # ---------------------------------------------------------------------------------------------------------------
 def make_clip() -> CLIPModel:
@@ -363,7 +369,7 @@ class SimSeg(OVSegModel):
         crops = self.region_crops(image, bin_masks[valid], boxes)
         embed = self.encode_crops(crops)
         return {"valid": valid, "region_boxes": boxes.float(), "crops": crops, "clip_image_embed_raw": embed,
-                "clip_logits": TEMPERATURE * normalize(embed) @ text.T}
+                "clip_logits": class_logits(embed, text)}
 
     def ensemble(self, mask_cls_logits: torch.Tensor, valid: torch.Tensor | None,
                  clip_logits: torch.Tensor | None) -> torch.Tensor:
@@ -394,7 +400,7 @@ class SimSeg(OVSegModel):
         text = self.text_features()
         out = self.proposals(x)
         out["text_features"] = text
-        out["mask_cls_logits"] = TEMPERATURE * normalize(out["class_embed"]) @ text.T
+        out["mask_cls_logits"] = class_logits(out["class_embed"], text)
         out["padded_size"] = tuple(x.shape[-2:])
         fields = ("valid", "region_boxes", "clip_image_embed_raw", "clip_logits")
         for f in fields:
@@ -425,8 +431,8 @@ class SimSeg(OVSegModel):
         (`sem_seg_postprocess`); classes in chunks so a large vocabulary never holds two full-size copies."""
         results = []
         for i, (size, out_size) in enumerate(zip(image_sizes, output_sizes)):
-            masks = self.mask_logits_at(outputs["mask_pred"][i], outputs["padded_size"], size).sigmoid()
-            probs = outputs["ensembled_probs"][i]
+            masks = self.mask_logits_at(outputs["mask_pred"][i].float(), outputs["padded_size"], size).sigmoid()
+            probs = outputs["ensembled_probs"][i].float()     # fp32 scores in every precision, as SAN's
             chunks = []
             for c in range(0, probs.shape[1], class_chunk):
                 s = torch.einsum("qc,qhw->chw", probs[:, c:c + class_chunk], masks)
@@ -450,7 +456,7 @@ class SimSeg(OVSegModel):
         @torch.no_grad()
         def run() -> torch.Tensor:
             embed = self.encode_crops(self.region_crops(image, bin_masks, boxes))
-            return TEMPERATURE * normalize(embed) @ text.T
+            return class_logits(embed, text)
 
         return run
 
