@@ -52,13 +52,14 @@ def soft_mask_labels(mask: torch.Tensor, prob: torch.Tensor, padded: tuple[int, 
     k = prob.shape[1]
     tx = _resize_x(mask.float(), padded[1], size[1], w0)                   # [h', W0, Q] pixel-major
     ry = _row_weights(mask.shape[-2], padded[0], size[0], h0).to(tx)       # [H0, h']
+    convex = bool(((ry.sum(1) - 1).abs() < 1e-6).all())                     # every output row a weighted mean
     labels = torch.empty(h0, w0, dtype=torch.int64, device=mask.device)
     buf = prob.new_empty(rows_per_band * w0, -(-k // 16) * 16)
     for r in range(0, h0, rows_per_band):
         band = ry[r:r + rows_per_band]                                      # [R, h']
         taps = band.abs().sum(0).nonzero().flatten()
         lo, hi = int(taps[0]), int(taps[-1]) + 1
-        m = _blend_rows(band[:, lo:hi], tx[lo:hi])
+        m = _blend_rows(band[:, lo:hi], tx[lo:hi], convex)
         p = m.shape[0] * w0
         scores = buf[:p, :k]
         torch.mm(m.reshape(p, -1).sigmoid_(), prob, out=scores)
@@ -67,11 +68,11 @@ def soft_mask_labels(mask: torch.Tensor, prob: torch.Tensor, padded: tuple[int, 
     return labels
 
 
-def _blend_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[R, T] tap weights x [T, W0, Q] source rows -> [R, W0, Q]. Two taps whose weights sum to 1 (bilinear rows)
-    are one `lerp` pass, a + w (b - a); more taps an einsum; one tap a scaling."""
-    if rows.shape[0] == 2 and bool(((weights.sum(1) - 1).abs() < 1e-6).all()):
-        return torch.lerp(rows[0], rows[1], weights[:, 1, None, None].to(rows))
+def _blend_rows(weights: torch.Tensor, rows: torch.Tensor, convex: bool) -> torch.Tensor:
+    """[R, T] tap weights x [T, W0, Q] source rows (same dtype) -> [R, W0, Q]. Two taps of `convex` weights (each
+    row sums to 1, as bilinear rows do) are one `lerp` pass, a + w (b - a); more taps an einsum; one tap a scaling."""
+    if rows.shape[0] == 2 and convex:
+        return torch.lerp(rows[0], rows[1], weights[:, 1, None, None])
     if rows.shape[0] == 1:
         return weights[:, 0, None, None] * rows[0]
     return torch.einsum("rt,twq->rwq", weights, rows)

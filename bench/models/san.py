@@ -392,11 +392,11 @@ class SAN(OVSegModel):
         the last weight load) come from a cache.
         """
         new = list(dict.fromkeys(n for n in class_names if n not in self._text_cache))
+        device = self.ov_classifier.text_projection.device
         if new:
-            with _fp32(self.ov_classifier.text_projection.device):
+            with _fp32(device):
                 feats = encode_with_templates(self.ov_classifier, new, list(self.templates))
             self._text_cache.update(zip(new, feats))
-        device = self.ov_classifier.text_projection.device
         text = torch.stack([self._text_cache[n].to(device) for n in class_names])
         weight = F.normalize(torch.cat([text, self.ov_classifier.bg_embed.to(text)], dim=0), dim=-1)
         self.vocabulary = list(class_names)

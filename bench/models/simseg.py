@@ -255,8 +255,9 @@ class MaskFormerHead(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------------
 def class_logits(embed: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """100·cos(embedding, text rows) in fp32 whatever the model's precision: the text features are encoded once
-    in fp32 (encode_with_templates) and every class decision rests on them; Q x 512 x (K+1) multiply-adds."""
+    """100·cos(embedding, text rows) with both sides cast to fp32: the cached text features are fp32 (what
+    encode_with_templates returns, from a tower in the model's dtype) and the embeddings are in the model's dtype,
+    so a bf16 model's two inputs meet (under autocast the product itself is autocast's); Q x 512 x (K+1) MACs."""
     return TEMPERATURE * normalize(embed.float()) @ text.float().T
 
 
