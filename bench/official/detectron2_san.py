@@ -90,8 +90,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _stub_clip_download(tempfile.mkdtemp(prefix="official_clip_"))
-    model = build(args.source, args.config)
+    with tempfile.TemporaryDirectory(prefix="official_clip_") as clip_dir:   # 0.6 GB; needed by the build only
+        _stub_clip_download(clip_dir)
+        model = build(args.source, args.config)
     what = load_fill(args.fill).fill_model(model, args.fill_family)
     image = np.load(args.image)
     names = [ln.strip() for ln in open(args.vocabulary, encoding="utf-8") if ln.strip()]
