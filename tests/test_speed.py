@@ -208,6 +208,79 @@ def test_postprocess_labels_is_argmax_of_postprocess(tiny_san, shape, rows_per_b
     assert clear.float().mean() > 0.9
 
 
+def _near_tie_outputs(q: int = 24, k: int = 12, side: int = 10, seed: int = 0):
+    """Mask logits [Q, side, side] and class probabilities [Q, K] whose classes come in pairs of almost equal
+    columns (0.05 % apart, well inside bf16 rounding), plus one exact duplicate column (an exact fp32 tie)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.randn(q, side, side, generator=g) * 4
+    base = torch.rand(q, k // 2, generator=g) ** 4
+    prob = torch.cat([base, base * (1 + 5e-4 * torch.rand(q, k // 2, generator=g))], dim=1)
+    prob[:, -1] = prob[:, 0]
+    return mask, prob / prob.sum(1, keepdim=True) / 2
+
+
+@pytest.mark.parametrize("out_size,rows_per_band", [((64, 64), 8), ((37, 53), 3), ((96, 80), 1)])
+def test_checked_bf16_class_gemm_keeps_the_fp32_labels_at_near_ties(out_size, rows_per_band):
+    """The bf16 class GEMM re-checks in fp32 the pixels whose top two classes bf16 cannot separate: the labels are
+    the fp32 path's (exact duplicate columns included: the lower class wins, as argmax), while a plain bf16 GEMM
+    gets many of them wrong (so the test can fail)."""
+    from bench.models.mask_scores import soft_mask_labels, soft_mask_scores
+    mask, prob = _near_tie_outputs()
+    args = (mask, prob, (160, 160), (150, 155), out_size)
+    fp32 = soft_mask_labels(*args, rows_per_band=rows_per_band)
+    checked = soft_mask_labels(*args, rows_per_band=rows_per_band, checked_bf16=True)
+    assert torch.equal(checked, fp32)
+    assert torch.equal(fp32, soft_mask_scores(*args).argmax(0))
+    plain_bf16 = torch.einsum("qk,qhw->khw", prob.bfloat16(), soft_mask_scores(mask, torch.eye(len(prob)),
+                              *args[2:]).bfloat16()).argmax(0)
+    assert (plain_bf16 != fp32).float().mean() > 0.05
+    assert fp32.unique().numel() >= 4 and not (fp32 == prob.shape[1] - 1).any()   # the duplicate never wins
+
+
+def test_checked_bf16_class_gemm_rechecks_vanishing_and_nan_scores():
+    """Scores that underflow (every mask logit -200: sigmoids of 1e-87, zero in fp32) or are NaN are decided by the
+    fp32 path, not by bf16 bits."""
+    from bench.models.mask_scores import soft_mask_labels
+    _, prob = _near_tie_outputs()
+    mask = torch.full((prob.shape[0], 8, 8), -200.0)
+    mask[:, :2] = torch.randn(prob.shape[0], 2, 8) * 3
+    mask[0, 4, 4] = float("nan")
+    args = (mask, prob, (64, 64), (64, 64), (64, 64))
+    assert torch.equal(soft_mask_labels(*args, checked_bf16=True), soft_mask_labels(*args))
+
+
+def test_bf16_masks_take_the_checked_class_gemm(tiny_san):
+    """SAN's label path on bf16 masks (a bf16 cell) runs the class GEMM in bf16 (the FLOP counter sees a bf16 mm)
+    and returns the argmax of the fp32 scores of the same masks."""
+    model = tiny_san
+    image = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(3)).to(torch.uint8).numpy()
+    with torch.inference_mode():
+        x, sizes = model.preprocess([image])
+        out = model(x, sizes)
+        out["mask_pred"] = out["mask_pred"].bfloat16()
+        scores = model.postprocess(out, sizes, [(64, 64)])[0]
+        seen = []
+        with _MmDtypes(seen):
+            labels = model.postprocess_labels(out, sizes, [(64, 64)])[0]
+    top2 = scores.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 1e-5 * scores.max()
+    assert torch.equal(labels[clear], scores.argmax(0)[clear]) and clear.float().mean() > 0.9
+    assert torch.bfloat16 in seen
+
+
+class _MmDtypes(torch.overrides.TorchFunctionMode):
+    """Records the dtypes of every torch.mm call."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.mm:
+            self.seen.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
 def test_postprocess_flops_are_counted(tiny_san):
     """end_to_end counts the per-class score matmul (the in-place addmm_ is invisible to FlopCounterMode)."""
     model = tiny_san

@@ -458,7 +458,8 @@ class SAN(OVSegModel):
                            max_elements: int = 1 << 28) -> list[torch.Tensor]:
         """The label maps `[s.argmax(0) for s in postprocess(...)]` [H0, W0] (int64), band by band without holding
         the full-size masks or scores (`mask_scores.soft_mask_labels`; same GEMM FLOPs, labels equal up to float
-        rounding at exact ties). Images whose Q x H0 x W0 masks exceed `max_elements` go through `postprocess`."""
+        rounding at exact ties). bf16 masks on the CPU take the bf16 class GEMM with the fp32 re-check of near
+        ties (same labels as fp32). Images whose Q x H0 x W0 masks exceed `max_elements` go through `postprocess`."""
         masks, logits = outputs["mask_pred"], outputs["mask_logits"]
         padded = tuple(outputs.get("padded_size", (masks.shape[-2] * 16, masks.shape[-1] * 16)))
         results = []
@@ -468,7 +469,8 @@ class SAN(OVSegModel):
                 results.append(self.postprocess(one, [size], [(h0, w0)])[0].argmax(dim=0))
                 continue
             prob = F.softmax(cls_logits.float(), dim=-1)[:, :-1].contiguous()  # [Q, K]
-            results.append(soft_mask_labels(mask, prob, padded, size, (h0, w0), rows_per_band))
+            checked_bf16 = mask.dtype == torch.bfloat16 and mask.device.type == "cpu"
+            results.append(soft_mask_labels(mask, prob, padded, size, (h0, w0), rows_per_band, checked_bf16))
         return results
 
 
