@@ -398,7 +398,8 @@ def test_reduced_precision_keeps_the_text_tower_and_class_logits_fp32():
 def test_bf16_gemm_attention_matches_sdpa_and_counts_the_same_flops(shape, monkeypatch):
     """bf16 attention on the CPU runs as GEMMs (bench.models.attention): the same result as SDPA in fp32 within
     bf16 rounding, in both code paths (the 300-token problem is forced through row blocks of 64 rows), the same
-    FLOPs as the SDPA formula; fp32 and masked calls stay SDPA, bit for bit."""
+    FLOPs as the SDPA formula; masks (additive or boolean) are added to the scores; fp32 calls stay SDPA, bit for
+    bit."""
     from bench.models import attention as attn
 
     monkeypatch.setattr(attn, "FULL_ELEMENTS", 1 << 16)
@@ -410,8 +411,14 @@ def test_bf16_gemm_attention_matches_sdpa_and_counts_the_same_flops(shape, monke
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     assert (out.float() - ref).abs().max() < 0.03 * ref.abs().max()
     assert torch.equal(attn.attention(q, k, v), ref)
-    mask = torch.randn(shape[-2], shape[-2], generator=g)
-    assert torch.equal(attn.attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    mask = torch.randn(shape[-2], shape[-2], generator=g) * 4
+    mask[:, 1::3] = float("-inf")
+    masked_ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(attn.attention(q, k, v, mask), masked_ref)
+    for m in (mask, mask.isfinite()):     # additive and boolean masks, as SDPA reads them
+        ref_m = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        out_m = attn.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), m)
+        assert out_m.dtype == torch.bfloat16 and (out_m.float() - ref_m).abs().max() < 0.03 * ref_m.abs().max()
     from bench.flops import count_flops
 
     assert count_flops(lambda: attn.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())) == \

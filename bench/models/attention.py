@@ -1,7 +1,7 @@
 """Multi-head attention as the models call it: `attention(q, k, v, attn_mask)` = softmax(q·kᵀ/√d + mask)·v.
 
-fp32 (and any device but the CPU) goes through `F.scaled_dot_product_attention`. bf16 / fp16 on the CPU without a
-mask runs as plain GEMMs: PyTorch's CPU flash kernel computes in fp32 whatever the input dtype (SAN-B's side
+fp32 (and any device but the CPU) goes through `F.scaled_dot_product_attention`. bf16 / fp16 on the CPU runs as
+plain GEMMs (an additive mask is added to the scores): PyTorch's CPU flash kernel computes in fp32 whatever the input dtype (SAN-B's side
 adapter, 6 heads of dimension 40 over 1700 tokens: about 130 GFLOP/s in bf16, as in fp32), while the bf16 GEMMs of
 q·kᵀ and p·v, with the softmax between them, ran 1.4-1.6x faster on the same host (AVX-512 BF16, 2 threads).
 Scores are computed per head in blocks of rows so that a block stays in cache; small problems (all heads' scores
@@ -19,27 +19,44 @@ BLOCK_ELEMENTS = 3 << 18       # else per head, row blocks of about this many sc
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
               ) -> torch.Tensor:
-    """q [..., Lq, d], k [..., Lk, d], v [..., Lk, dv] -> [..., Lq, dv] (scale 1/√d, optional additive mask)."""
-    if attn_mask is not None or q.device.type != "cpu" or q.dtype not in REDUCED:
+    """q [..., Lq, d], k [..., Lk, d], v [..., Lk, dv] -> [..., Lq, dv] (scale 1/√d, optional additive mask
+    broadcastable to [..., Lq, Lk])."""
+    if q.device.type != "cpu" or q.dtype not in REDUCED:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return gemm_attention(q, k, v)
+    return gemm_attention(q, k, v, attn_mask)
 
 
-def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√d)·v through two GEMMs per block of query rows, in the inputs' dtype (GEMMs accumulate in
-    fp32; the scores and probabilities are rounded to it, as under autocast)."""
+def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + mask)·v through two GEMMs per block of query rows, in the inputs' dtype (GEMMs accumulate
+    in fp32; the scores and probabilities are rounded to it, as under autocast)."""
     *batch, lq, d = q.shape
     lk = k.shape[-2]
     q = q * d ** -0.5
     kt = k.transpose(-1, -2)
+    mask = None if attn_mask is None else _additive(attn_mask, q.dtype)
     heads = q.numel() // (lq * d)
     if heads * lq * lk <= FULL_ELEMENTS:
-        return torch.matmul(torch.softmax(torch.matmul(q, kt), dim=-1), v)
+        scores = torch.matmul(q, kt)
+        if mask is not None:
+            scores += mask
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
     q, kt, v = q.reshape(heads, lq, d), kt.reshape(heads, d, lk), v.reshape(heads, lk, -1)
+    if mask is not None:
+        mask = mask.expand(*batch, lq, lk).reshape(heads, lq, lk)
     out = q.new_empty(heads, lq, v.shape[-1])
     rows = max(1, BLOCK_ELEMENTS // lk)
     for h in range(heads):
         for i in range(0, lq, rows):
             scores = torch.mm(q[h, i:i + rows], kt[h])
+            if mask is not None:
+                scores += mask[h, i:i + rows]
             torch.mm(torch.softmax(scores, dim=-1), v[h], out=out[h, i:i + rows])
     return out.view(*batch, lq, -1)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's mask conventions as an additive mask: a boolean mask keeps the True positions (-inf elsewhere)."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import BenchError
+from bench.models.attention import attention
 from bench.models.base import OVSegModel, Protocol, attribute_set
 from bench.models.clip import (VILD_TEMPLATES, LayerNormFp32, ResidualAttentionBlock, TextTransformer,
                                encode_with_templates, resize_pos_embed)
@@ -319,11 +320,11 @@ def _rec_block(block: ResidualAttentionBlock, x: torch.Tensor, q: int, sos_mask:
     m = y.shape[1]
     qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).view(b, m, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
     qh, kh, vh = qkv.unbind(0)                                 # [B, heads, m, d]
-    out = F.scaled_dot_product_attention(qh[:, :, :q], kh[:, :, :n - 1], vh[:, :, :n - 1], attn_mask=sos_mask)
+    out = attention(qh[:, :, :q], kh[:, :, :n - 1], vh[:, :, :n - 1], sos_mask)
     if sos_only:
         x = x[:, :q] + attn.out_proj(out.transpose(1, 2).reshape(b, q, c))
     else:
-        rest = F.scaled_dot_product_attention(qh[:, :, q:], kh[:, :, q:], vh[:, :, q:])
+        rest = attention(qh[:, :, q:], kh[:, :, q:], vh[:, :, q:])
         x = x + attn.out_proj(torch.cat([out, rest], dim=2).transpose(1, 2).reshape(b, n, c))
     return x + block.mlp(block.ln_2(x))
 
