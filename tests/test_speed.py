@@ -394,16 +394,17 @@ def test_reduced_precision_keeps_the_text_tower_and_class_logits_fp32():
         assert out["mask_pred"].dtype == torch.bfloat16 and out["mask_logits"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("shape", [(1, 6, 300, 40), (2, 3, 77, 64)])   # row blocks per head / one batched product
+@pytest.mark.parametrize("shape", [(1, 6, 300, 40), (2, 3, 77, 64), (40, 3, 30, 16)])   # row blocks per head /
+# one batched product / groups of short heads
 def test_bf16_gemm_attention_matches_sdpa_and_counts_the_same_flops(shape, monkeypatch):
     """bf16 attention on the CPU runs as GEMMs (bench.models.attention): the same result as SDPA in fp32 within
-    bf16 rounding, in both code paths (the 300-token problem is forced through row blocks of 64 rows), the same
-    FLOPs as the SDPA formula; masks (additive or boolean) are added to the scores; fp32 calls stay SDPA, bit for
-    bit."""
+    bf16 rounding in every code path (the 300-token problem forced through row blocks of 64 rows, the 120 heads of
+    30 tokens through groups of 7 heads, the small one in one product), the same FLOPs as the SDPA formula; masks
+    (additive, boolean, one per head) are added to the scores; fp32 calls stay SDPA, bit for bit."""
     from bench.models import attention as attn
 
     monkeypatch.setattr(attn, "FULL_ELEMENTS", 1 << 16)
-    monkeypatch.setattr(attn, "BLOCK_ELEMENTS", 64 * shape[2])
+    monkeypatch.setattr(attn, "BLOCK_ELEMENTS", 64 * shape[2] if shape[2] > 64 else 7 * shape[2] ** 2)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v)
@@ -415,7 +416,8 @@ def test_bf16_gemm_attention_matches_sdpa_and_counts_the_same_flops(shape, monke
     mask[:, 1::3] = float("-inf")
     masked_ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(attn.attention(q, k, v, mask), masked_ref)
-    for m in (mask, mask.isfinite()):     # additive and boolean masks, as SDPA reads them
+    per_head = torch.randn(*shape[:2], 1, shape[-2], generator=g)     # one mask row per head, broadcast over rows
+    for m in (mask, mask.isfinite(), per_head):     # additive and boolean masks, as SDPA reads them
         ref_m = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
         out_m = attn.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), m)
         assert out_m.dtype == torch.bfloat16 and (out_m.float() - ref_m).abs().max() < 0.03 * ref_m.abs().max()

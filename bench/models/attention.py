@@ -1,11 +1,12 @@
 """Multi-head attention as the models call it: `attention(q, k, v, attn_mask)` = softmax(q·kᵀ/√d + mask)·v.
 
 fp32 (and any device but the CPU) goes through `F.scaled_dot_product_attention`. bf16 / fp16 on the CPU runs as
-plain GEMMs (an additive mask is added to the scores): PyTorch's CPU flash kernel computes in fp32 whatever the input dtype (SAN-B's side
-adapter, 6 heads of dimension 40 over 1700 tokens: about 130 GFLOP/s in bf16, as in fp32), while the bf16 GEMMs of
-q·kᵀ and p·v, with the softmax between them, ran 1.4-1.6x faster on the same host (AVX-512 BF16, 2 threads).
-Scores are computed per head in blocks of rows so that a block stays in cache; small problems (all heads' scores
-under `FULL_ELEMENTS`) take one batched product. Same FLOPs either way (the counter sees the two products).
+plain GEMMs, a mask added to the scores: PyTorch's CPU flash kernel computes in fp32 whatever the input dtype
+(SAN-B's side adapter, 6 heads of dimension 40 over 1700 tokens: about 130 GFLOP/s in bf16, as in fp32), while the
+bf16 GEMMs of q·kᵀ and p·v, with the softmax between them, ran 1.4-1.6x faster on the same host (AVX-512 BF16,
+2 threads). Scores are computed in blocks that stay in cache (rows of one head, or several short heads at once);
+small problems (all heads' scores under `FULL_ELEMENTS`) take one batched product. Same FLOPs either way (the
+counter sees the two products).
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
 
 def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
                    ) -> torch.Tensor:
-    """softmax(q·kᵀ/√d + mask)·v through two GEMMs per block of query rows, in the inputs' dtype (GEMMs accumulate
-    in fp32; the scores and probabilities are rounded to it, as under autocast)."""
+    """softmax(q·kᵀ/√d + mask)·v through two GEMMs per block, in the inputs' dtype (GEMMs accumulate in fp32; the
+    scores and probabilities are rounded to it, as under autocast). Blocks hold about `BLOCK_ELEMENTS` scores:
+    rows of one head for long sequences, several whole heads (batched products) for short ones."""
     *batch, lq, d = q.shape
     lk = k.shape[-2]
     q = q * d ** -0.5
@@ -39,20 +41,42 @@ def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     if heads * lq * lk <= FULL_ELEMENTS:
         scores = torch.matmul(q, kt)
         if mask is not None:
-            scores += mask
+            scores = scores + mask
         return torch.matmul(torch.softmax(scores, dim=-1), v)
     q, kt, v = q.reshape(heads, lq, d), kt.reshape(heads, d, lk), v.reshape(heads, lk, -1)
-    if mask is not None:
-        mask = mask.expand(*batch, lq, lk).reshape(heads, lq, lk)
+    mask = _per_head(mask, batch, lq, lk)
     out = q.new_empty(heads, lq, v.shape[-1])
-    rows = max(1, BLOCK_ELEMENTS // lk)
-    for h in range(heads):
-        for i in range(0, lq, rows):
-            scores = torch.mm(q[h, i:i + rows], kt[h])
+    if lq * lk >= BLOCK_ELEMENTS:
+        rows = max(1, BLOCK_ELEMENTS // lk)
+        for h in range(heads):
+            for i in range(0, lq, rows):
+                scores = torch.mm(q[h, i:i + rows], kt[h])
+                if mask is not None:
+                    scores += _rows(mask[h if len(mask) > 1 else 0], i, rows)
+                torch.mm(torch.softmax(scores, dim=-1), v[h], out=out[h, i:i + rows])
+    else:
+        group = max(1, BLOCK_ELEMENTS // (lq * lk))
+        for h in range(0, heads, group):
+            scores = torch.bmm(q[h:h + group], kt[h:h + group])
             if mask is not None:
-                scores += mask[h, i:i + rows]
-            torch.mm(torch.softmax(scores, dim=-1), v[h], out=out[h, i:i + rows])
+                scores += mask[h:h + group] if len(mask) > 1 else mask
+            torch.bmm(torch.softmax(scores, dim=-1), v[h:h + group], out=out[h:h + group])
     return out.view(*batch, lq, -1)
+
+
+def _per_head(mask: torch.Tensor | None, batch: list[int], lq: int, lk: int) -> torch.Tensor | None:
+    """A mask broadcastable to [*batch, lq, lk] as [heads or 1, lq or 1, lk or 1]: shared by every head when its
+    leading dimensions are all 1 (no copy), else one per head (a view where the layout allows)."""
+    if mask is None:
+        return None
+    if all(n == 1 for n in mask.shape[:-2]):
+        return mask.reshape(1, *mask.shape[-2:]) if mask.dim() >= 2 else mask.reshape(1, 1, -1)
+    return mask.expand(*batch, lq, lk).reshape(-1, lq, lk)
+
+
+def _rows(mask: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Rows start..start+rows of a [lq or 1, lk or 1] mask."""
+    return mask[start:start + rows] if mask.shape[0] > 1 else mask
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -75,9 +75,9 @@ def _bands(ry: torch.Tensor, rows: int) -> list[tuple[int, int, int]]:
 
 
 def _fp32_band_labels(prob: torch.Tensor, max_pixels: int):
-    """The fp32 class GEMM and argmax of one band: (logits [P, Q], sigmoid in place; out [P]). The GEMM writes into a buffer whose
-    rows are padded to a multiple of 16 (MKL is about twice as fast at that leading dimension than at K = 150);
-    only the K real columns are computed and compared."""
+    """The fp32 class GEMM and argmax of one band: (logits [P, Q], sigmoid in place; out [P]). The GEMM writes
+    into a buffer whose rows are padded to a multiple of 16 (MKL is about twice as fast at that leading dimension
+    than at K = 150); only the K real columns are computed and compared."""
     k = prob.shape[1]
     buf = prob.new_empty(max_pixels, -(-k // 16) * 16)
 
