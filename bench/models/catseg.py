@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import BenchError
+from bench.models.attention import attention
 from bench.models.base import OVSegModel, Protocol, attribute_set
 from bench.models.clip import MLP, LayerNormFp32, QuickGELU, encode_with_templates, resize_pos_embed
 from bench.models.common import Mlp
@@ -122,7 +123,7 @@ class SplitAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        out = attention(q, k, v, attn_bias)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
     def value_path(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,7 +273,7 @@ class WindowAttention(nn.Module):
             n, nw * self.heads, t, -1)
         if mask is not None:
             mask = mask.to(q.dtype)[:, None].expand(-1, self.heads, -1, -1).reshape(1, nw * self.heads, t, t)
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+        out = attention(heads(q), heads(k), heads(v), mask)
         out = out.view(n, nw, self.heads, t, -1).permute(0, 1, 3, 2, 4).reshape(n, nw, t, c)
         return self.proj(out)
 
