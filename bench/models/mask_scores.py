@@ -123,7 +123,7 @@ def _checked_bf16_band_labels(prob: torch.Tensor, max_pixels: int):
         scores = flat[:k * p].view(k, p).copy_(product)                   # [K, P] fp32 holding bf16 values
         scores.view(torch.int32).add_(codes)
         top = scores.amax(0)
-        out.copy_(top_code - (top.view(torch.int32) & top_code))
+        out.copy_(top_code - (top.view(torch.int32) & top_code)).clamp_(max=k - 1)   # a NaN's bits: re-checked
         scores[out, pixels[:p]] = 0
         unsure = (scores.amax(0) >= top * BF16_TIE_WINDOW).logical_or_(~(top >= BF16_TINY))
         redo = unsure.nonzero().flatten()
