@@ -21,7 +21,9 @@ BLOCK_ELEMENTS = 3 << 18       # else per head, row blocks of about this many sc
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
               ) -> torch.Tensor:
     """q [..., Lq, d], k [..., Lk, d], v [..., Lk, dv] -> [..., Lq, dv] (scale 1/√d, optional additive mask
-    broadcastable to [..., Lq, Lk])."""
+    broadcastable to [..., Lq, Lk], or boolean as SDPA reads it). A float mask is cast to q's dtype here."""
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)
     if q.device.type != "cpu" or q.dtype not in REDUCED:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return gemm_attention(q, k, v, attn_mask)

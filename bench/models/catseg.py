@@ -121,8 +121,6 @@ class SplitAttention(nn.Module):
         weight = torch.cat([self.q_proj_weight, self.k_proj_weight, self.v_proj_weight])
         qkv = F.linear(x, weight, self.in_proj_bias).view(b, n, 3, self.heads, c // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(q.dtype)
         out = attention(q, k, v, attn_bias)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 

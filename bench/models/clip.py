@@ -99,8 +99,6 @@ class MultiheadAttention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(q.dtype)
         out = attention(q, k, v, attn_bias)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 

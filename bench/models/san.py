@@ -463,6 +463,7 @@ class SAN(OVSegModel):
         ties (same labels as fp32). Images whose Q x H0 x W0 masks exceed `max_elements` go through `postprocess`."""
         masks, logits = outputs["mask_pred"], outputs["mask_logits"]
         padded = tuple(outputs.get("padded_size", (masks.shape[-2] * 16, masks.shape[-1] * 16)))
+        checked_bf16 = masks.dtype == torch.bfloat16 and masks.device.type == "cpu"
         results = []
         for i, (mask, cls_logits, size, (h0, w0)) in enumerate(zip(masks, logits, image_sizes, output_sizes)):
             if mask.shape[0] * max(padded[0] * padded[1], h0 * w0) > max_elements:
@@ -470,7 +471,6 @@ class SAN(OVSegModel):
                 results.append(self.postprocess(one, [size], [(h0, w0)])[0].argmax(dim=0))
                 continue
             prob = F.softmax(cls_logits.float(), dim=-1)[:, :-1].contiguous()  # [Q, K]
-            checked_bf16 = mask.dtype == torch.bfloat16 and mask.device.type == "cpu"
             results.append(soft_mask_labels(mask, prob, padded, size, (h0, w0), rows_per_band, checked_bf16))
         return results
 
